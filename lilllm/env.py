@@ -1,0 +1,114 @@
+"""The environment: where the repository is, which device runs the model, and whether
+everything the course needs is installed (`lilllm env`)."""
+
+import os
+import platform
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from lilllm import LilllmError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEVICE_ENV_VAR = "LILLLM_DEVICE"
+KNOWN_DEVICES = ("cpu", "cuda", "mps")
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The device to run on: `name` if given, else $LILLLM_DEVICE, else cuda → mps → cpu."""
+    name = name or os.environ.get(DEVICE_ENV_VAR) or None
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind = name.split(":")[0]
+    if kind not in KNOWN_DEVICES:
+        raise LilllmError(f"unknown device {name!r}: use one of {', '.join(KNOWN_DEVICES)} (e.g. cuda:1)")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[kind]:
+        raise LilllmError(f"device {name!r} is not available on this machine: use cpu, or unset {DEVICE_ENV_VAR}")
+    return torch.device(name)
+
+
+@dataclass
+class Check:
+    ok: bool
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{'OK' if self.ok else 'FAIL'}] {self.message}"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13, 0): the leading dotted numbers, for comparing versions."""
+    leading = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(n) for n in leading.group().split(".")) if leading else ()
+
+
+def _requirements() -> list[tuple[str, str]]:
+    """(name, minimum version) of each runtime dependency, read from the installed
+    package's metadata, so pyproject.toml stays the one place they are written."""
+    try:
+        requires = metadata.requires("lilllm") or []
+    except metadata.PackageNotFoundError:
+        raise LilllmError('lilllm is not installed: run `pip install -e ".[dev]"` in the repository') from None
+    pairs = []
+    for req in requires:
+        if "extra ==" in req:
+            continue
+        name, _, minimum = req.partition(">=")
+        pairs.append((name.strip(), minimum.split(",")[0].strip()))
+    return pairs
+
+
+def check_requirements() -> list[Check]:
+    """One check for Python and one per runtime dependency: installed, and new enough."""
+    python = platform.python_version()
+    requires_python = metadata.metadata("lilllm")["Requires-Python"].removeprefix(">=")
+    checks = [Check(_version_tuple(python) >= _version_tuple(requires_python), f"python {python} (>= {requires_python})")]
+    for name, minimum in _requirements():
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            checks.append(Check(False, f"{name} is missing (>= {minimum}): run `pip install -e \".[dev]\"`"))
+            continue
+        ok = _version_tuple(version) >= _version_tuple(minimum)
+        checks.append(Check(ok, f"{name} {version} (>= {minimum})" + ("" if ok else ": upgrade it")))
+    return checks
+
+
+def environment_report(device: str | None = None) -> list[Check]:
+    """Everything `lilllm env` prints: requirements, device, threads, the data file."""
+    from lilllm.data import TINYSHAKESPEARE, verify_text_file  # data depends on env, not the reverse
+
+    try:
+        checks = check_requirements()
+    except LilllmError as err:
+        checks = [Check(False, str(err))]
+    try:
+        chosen = pick_device(device)
+        how = "chosen" if device or os.environ.get(DEVICE_ENV_VAR) else f"auto: cuda → mps → cpu; override with --device or ${DEVICE_ENV_VAR}"
+        checks.append(Check(True, f"device {chosen} ({how})"))
+    except LilllmError as err:
+        checks.append(Check(False, str(err)))
+    checks.append(Check(True, f"torch threads {torch.get_num_threads()} (cpu cores {os.cpu_count()})"))
+    try:
+        verify_text_file(TINYSHAKESPEARE)
+        checks.append(Check(True, f"data {TINYSHAKESPEARE.relative_to(REPO_ROOT)} (size and sha256 match)"))
+    except LilllmError as err:
+        checks.append(Check(False, str(err)))
+    return checks
+
+
+def main(device: str | None = None) -> int:
+    """Print the report; 0 when every line is OK, 1 otherwise."""
+    checks = environment_report(device)
+    print(f"lilllm environment on {platform.system()} {platform.machine()}")
+    for check in checks:
+        print(check)
+    return 0 if all(check.ok for check in checks) else 1
