@@ -1,0 +1,102 @@
+"""The rules every committed notebook follows, as a checker the tests run (and test).
+
+`notebook_problems` checks one notebook; `course_problems` checks the folder as a whole.
+Each returns a list of human-readable problems; an empty list means the rules hold.
+"""
+
+import re
+from pathlib import Path
+
+import nbformat
+
+NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
+BONUS_NAME = re.compile(r"^bonus_[a-z0-9_]+\.ipynb$")
+# Home folders and temporary folders of Linux, macOS and Windows machines.
+ABSOLUTE_PATH = re.compile(r"(/home/|/Users/|/root/|/tmp/|/work/|/private/var/|[A-Za-z]:\\\\Users\\\\)")
+IMPORTS_LILLLM = re.compile(r"^\s*(import lilllm|from lilllm[\s.])", re.MULTILINE)
+
+
+def _output_text(output) -> str:
+    if output.output_type == "stream":
+        return output.text
+    if output.output_type == "error":
+        return "\n".join(output.traceback)
+    data = output.get("data", {})
+    return "\n".join(str(data[key]) for key in ("text/plain", "text/html", "text/markdown") if key in data)
+
+
+def notebook_problems(path: Path) -> list[str]:
+    """Problems with one notebook file: format, name, execution, outputs, imports."""
+    path = Path(path)
+    problems = []
+    if not (NAME.match(path.name) or BONUS_NAME.match(path.name)):
+        problems.append(f"{path.name}: name must look like NN_topic.ipynb or bonus_topic.ipynb")
+    try:
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+    except Exception as err:  # any parse or schema error is the same problem: not a valid notebook
+        return problems + [f"{path.name}: not a valid notebook ({type(err).__name__}: {str(err)[:200]})"]
+
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    counts = [cell.execution_count for cell in code_cells]
+    if not code_cells:
+        problems.append(f"{path.name}: has no code cells")
+    if any(not cell.source.strip() for cell in code_cells):
+        problems.append(f"{path.name}: has an empty code cell")
+    if counts != list(range(1, len(code_cells) + 1)):
+        problems.append(f"{path.name}: code cells were not all executed once, in order, in one fresh run "
+                        f"(execution counts {counts})")
+    if code_cells and not any(cell.outputs for cell in code_cells):
+        problems.append(f"{path.name}: has no outputs (commit it executed)")
+    for number, cell in enumerate(code_cells, start=1):
+        for output in cell.outputs:
+            where = f"{path.name}, code cell {number}"
+            if output.output_type == "error":
+                problems.append(f"{where}: error output ({output.ename})")
+            if output.output_type == "stream" and output.name == "stderr":
+                problems.append(f"{where}: writes to stderr ({output.text.strip()[:80]!r})")
+            match = ABSOLUTE_PATH.search(_output_text(output))
+            if match:
+                problems.append(f"{where}: output holds an absolute path ({match.group()!r}...)")
+    if not any(IMPORTS_LILLLM.search(cell.source) for cell in code_cells):
+        problems.append(f"{path.name}: never imports lilllm")
+    return problems
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The lilllm modules a notebook imports ("lilllm.data", "lilllm.layers.rope", ...)."""
+    notebook = nbformat.read(path, as_version=4)
+    source = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    return set(re.findall(r"(?:from|import)\s+(lilllm(?:\.\w+)*)", source))
+
+
+def course_problems(notebook_paths: list[Path], public_modules: list[str], curriculum) -> list[str]:
+    """Problems with the course as a whole: contiguous numbering from 00, every notebook in
+    the curriculum map, each notebook importing the modules the map assigns it, and every
+    public lilllm module taught by some notebook."""
+    problems = []
+    names = [Path(p).name for p in notebook_paths]
+    numbers = sorted(int(NAME.match(n).group(1)) for n in names if NAME.match(n))
+    if numbers != list(range(len(numbers))):
+        problems.append(f"notebook numbers must run 00, 01, 02, ... without gaps or repeats: found {numbers}")
+    chapters = {chapter.notebook: chapter for chapter in curriculum}
+    taught = set()
+    for path in notebook_paths:
+        path = Path(path)
+        if NAME.match(path.name) and path.stem not in chapters:
+            problems.append(f"{path.name} is not in the curriculum map (lilllm/curriculum.py)")
+            continue
+        if path.stem not in chapters:
+            continue
+        imported = imported_modules(path)
+        for module in chapters[path.stem].modules:
+            if module not in public_modules:
+                continue  # a chapter's module that is not written yet
+            if module in imported:
+                taught.add(module)
+            else:
+                problems.append(f"{path.name} should import {module} (the curriculum map says it teaches it)")
+    for module in public_modules:
+        if module not in taught:
+            problems.append(f"{module} is not taught by any notebook: add it to a chapter in lilllm/curriculum.py")
+    return problems

@@ -1,0 +1,133 @@
+"""The committed notebooks follow the course's rules (tests/hygiene.py), and the checker
+itself catches each broken rule on small synthetic notebooks."""
+
+import pkgutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+import lilllm
+from lilllm.curriculum import CURRICULUM, Chapter
+from lilllm.notebook import NOTEBOOKS_DIR
+from tests.hygiene import course_problems, notebook_problems
+
+NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+PUBLIC_MODULES = sorted(
+    info.name for info in pkgutil.walk_packages(lilllm.__path__, "lilllm.")
+    if not info.ispkg and not any(part.startswith("_") for part in info.name.split("."))
+)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_follows_the_rules(path):
+    assert notebook_problems(path) == []
+
+
+def test_course_is_numbered_mapped_and_teaches_every_module():
+    assert NOTEBOOKS, "no notebooks found"
+    assert course_problems(NOTEBOOKS, PUBLIC_MODULES, CURRICULUM) == []
+
+
+def test_every_written_chapter_is_in_the_readme_table():
+    readme = (NOTEBOOKS_DIR.parent / "README.md").read_text()
+    for chapter in CURRICULUM:
+        if chapter.written:
+            assert f"notebooks/{chapter.notebook}.ipynb" in readme, chapter.notebook
+
+
+# --- the checker, on synthetic notebooks ------------------------------------------------
+
+def good_notebook():
+    return new_notebook(cells=[
+        new_markdown_cell("# A chapter"),
+        new_code_cell("import lilllm", execution_count=1),
+        new_code_cell("print(1 + 1)", execution_count=2,
+                      outputs=[new_output("stream", name="stdout", text="2\n")]),
+    ])
+
+
+def write(tmp_path, notebook, name="03_topic.ipynb"):
+    path = tmp_path / name
+    nbformat.write(notebook, path)
+    return path
+
+
+def test_a_good_notebook_has_no_problems(tmp_path):
+    assert notebook_problems(write(tmp_path, good_notebook())) == []
+
+
+def break_execution_order(nb):
+    nb.cells[1].execution_count, nb.cells[2].execution_count = 2, 1
+
+
+def break_unexecuted(nb):
+    nb.cells[2].execution_count = None
+
+
+def break_stderr(nb):
+    nb.cells[2].outputs.append(new_output("stream", name="stderr", text="UserWarning: careful\n"))
+
+
+def break_error(nb):
+    nb.cells[2].outputs.append(new_output("error", ename="ValueError", evalue="bad", traceback=["ValueError: bad"]))
+
+
+def break_absolute_path(nb):
+    nb.cells[2].outputs[0].text = "saved to /home/alice/lilllm/figures/x.png\n"
+
+
+def break_no_lilllm(nb):
+    nb.cells[1].source = "import torch"
+
+
+def break_no_outputs(nb):
+    nb.cells[2].outputs = []
+
+
+def break_empty_cell(nb):
+    nb.cells.append(new_code_cell("", execution_count=3))
+
+
+@pytest.mark.parametrize("break_rule, expected", [
+    (break_execution_order, "executed once, in order"),
+    (break_unexecuted, "executed once, in order"),
+    (break_stderr, "writes to stderr"),
+    (break_error, "error output"),
+    (break_absolute_path, "absolute path"),
+    (break_no_lilllm, "never imports lilllm"),
+    (break_no_outputs, "has no outputs"),
+    (break_empty_cell, "empty code cell"),
+])
+def test_the_checker_catches_each_broken_rule(tmp_path, break_rule, expected):
+    notebook = good_notebook()
+    break_rule(notebook)
+    problems = notebook_problems(write(tmp_path, notebook))
+    assert any(expected in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize("name", ["3_topic.ipynb", "03-topic.ipynb", "Topic.ipynb", "03_Topic.ipynb"])
+def test_the_checker_catches_bad_names(tmp_path, name):
+    problems = notebook_problems(write(tmp_path, good_notebook(), name))
+    assert any("name must look like" in problem for problem in problems)
+
+
+def test_the_checker_catches_invalid_json(tmp_path):
+    path = tmp_path / "03_topic.ipynb"
+    path.write_text("{not json")
+    assert any("not a valid notebook" in problem for problem in notebook_problems(path))
+
+
+def test_the_checker_catches_course_level_problems(tmp_path):
+    source = good_notebook()
+    source.cells[1].source = "import lilllm.alpha"
+    paths = [write(tmp_path, source, "00_alpha.ipynb"), write(tmp_path, good_notebook(), "02_gap.ipynb")]
+    curriculum = [Chapter("00_alpha", "", ("lilllm.alpha",)), Chapter("02_gap", "", ("lilllm.beta",))]
+    problems = course_problems(paths, ["lilllm.alpha", "lilllm.beta", "lilllm.gamma"], curriculum)
+    assert any("without gaps" in p for p in problems)
+    assert any("02_gap.ipynb should import lilllm.beta" in p for p in problems)
+    assert any("lilllm.gamma is not taught" in p for p in problems)
+    assert not any("lilllm.alpha" in p for p in problems)
+    unmapped = course_problems(paths, ["lilllm.alpha"], curriculum[:1])
+    assert any("02_gap.ipynb is not in the curriculum map" in p for p in unmapped)
