@@ -102,3 +102,13 @@ def test_gradients_match_torch(kind):
     torch.testing.assert_close(norm.weight.grad, weight_ref.grad)
     if kind == "layernorm":
         torch.testing.assert_close(norm.bias.grad, bias_ref.grad)
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+def test_fp16_activations_above_256_do_not_overflow(kind):
+    torch.manual_seed(0)
+    x = (torch.randn(4, 256) * 300).half()  # x² > 65504, the largest fp16 number
+    assert torch.isinf(x.pow(2)).any()
+    y = NORMS[kind](256)(x)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), NORMS[kind](256)(x.float()), rtol=1e-3, atol=1e-3)

@@ -5,9 +5,10 @@ Both normalise each vector over its last dimension (the model width C) and then 
 it by a learned per-channel `weight`. LayerNorm also subtracts the mean and adds a
 learned `bias`; RMSNorm drops both and only divides by the root mean square.
 
-Both compute in fp32 and cast the result back to the input's dtype: in bf16 the sum of
-squares over thousands of channels loses most of its digits (bf16 keeps 8 bits of
-mantissa), and the tiny variance of a near-constant vector can round to zero.
+Both compute in fp32 and cast the result back to the input's dtype: in fp16, x² overflows
+for any activation above 256 (fp16 stops at 65504) and the output becomes zeros or NaN;
+in bf16 every intermediate (x², the mean, the reciprocal) is rounded to 8 significant
+bits. In fp32 the result is rounded once, at the end, for the price of a few casts.
 """
 
 import torch
