@@ -1,0 +1,180 @@
+"""The model's configuration: one dataclass describes a model, validates itself on
+construction, and round-trips through JSON (every checkpoint stores it).
+
+The Llama-style default and the GPT-2-style baseline are the same class with different
+values (`ModelConfig.preset`). An optional per-layer list lets one model mix attention
+and feed-forward kinds across layers:
+
+    ModelConfig(vocab_size=2048, n_layers=2, layers=[{"ffn": "gelu"}, {}])
+
+builds a GELU MLP in layer 0 and the model-wide kind (SwiGLU) in layer 1.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from lilllm import LilllmError
+
+# The kinds each setting may name. The layer modules hold a dict from these names to
+# classes (ATTENTIONS, FFNS, NORMS); a test checks that both lists agree.
+ATTENTION_KINDS = ("softmax",)  # scaled dot-product softmax attention; n_kv_heads picks MHA/GQA/MQA
+FFN_KINDS = ("swiglu", "gelu")
+NORM_KINDS = ("rmsnorm", "layernorm")
+POSITION_KINDS = ("rope", "learned", "sinusoidal")
+
+
+class ConfigError(LilllmError, ValueError):
+    """A model configuration that cannot describe a model."""
+
+
+@dataclass
+class LayerSpec:
+    """Per-layer overrides; None means "the model-wide kind"."""
+
+    attention: str | None = None
+    ffn: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    """Everything that determines a model's architecture. The defaults are the course's
+    Llama-style CPU model: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+
+    vocab_size: int  # from the tokenizer
+    block_size: int = 256  # context length: the most positions the model is trained on
+    d_model: int = 128  # width of the residual stream, C
+    n_layers: int = 4
+    n_heads: int = 4  # query heads; head_dim = d_model // n_heads
+    n_kv_heads: int | None = 2  # key/value heads: n_heads → MHA, 1 → MQA, between → GQA; None: n_heads
+    attention: str = "softmax"
+    ffn: str = "swiglu"
+    ffn_hidden: int | None = None  # None: the feed-forward kind's own rule (layers/ffn.py)
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    positions: str = "rope"
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True  # the output head reuses the token embedding matrix
+    dropout: float = 0.0
+    bias: bool = False  # biases in the linear layers
+    layers: list[LayerSpec] | None = None  # optional, one entry per layer
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.layers is not None:
+            self.layers = [_layer_spec(entry, i) for i, entry in enumerate(self.layers)]
+        self._validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def layer(self, index: int) -> LayerSpec:
+        """The attention and feed-forward kinds of layer `index`, overrides applied."""
+        spec = self.layers[index] if self.layers is not None else LayerSpec()
+        return LayerSpec(attention=spec.attention or self.attention, ffn=spec.ffn or self.ffn)
+
+    def _validate(self):
+        for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "n_kv_heads"):
+            _check_positive_int(name, getattr(self, name))
+        if self.ffn_hidden is not None:
+            _check_positive_int("ffn_hidden", self.ffn_hidden)
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}: "
+                              "choose n_heads so that d_model // n_heads is a whole head size")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}: "
+                              "each key/value head must serve the same number of query heads")
+        _check_kind("attention", self.attention, ATTENTION_KINDS)
+        _check_kind("ffn", self.ffn, FFN_KINDS)
+        _check_kind("norm", self.norm, NORM_KINDS)
+        _check_kind("positions", self.positions, POSITION_KINDS)
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"RoPE rotates pairs of coordinates, so head_dim (d_model // n_heads = "
+                              f"{self.head_dim}) must be even: change d_model or n_heads")
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(f"sinusoidal positions pair sin and cos, so d_model={self.d_model} must be even")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+        if not self.rope_base > 0:
+            raise ConfigError(f"rope_base must be positive, got {self.rope_base}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout is a probability in [0, 1), got {self.dropout}")
+        if self.layers is not None:
+            if len(self.layers) != self.n_layers:
+                raise ConfigError(f"the per-layer list has {len(self.layers)} entries but n_layers={self.n_layers}: "
+                                  "give one entry per layer ({} keeps the model-wide kinds)")
+            for i, spec in enumerate(self.layers):
+                if spec.attention is not None:
+                    _check_kind(f"layers[{i}].attention", spec.attention, ATTENTION_KINDS)
+                if spec.ffn is not None:
+                    _check_kind(f"layers[{i}].ffn", spec.ffn, FFN_KINDS)
+
+    # --- presets and serialisation ---------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named configuration with some values changed:
+        `ModelConfig.preset("gpt2", vocab_size=2048, n_layers=6)`."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # nested LayerSpecs become dicts too
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: known keys are {', '.join(sorted(known))}")
+        if "vocab_size" not in values:
+            raise ConfigError("vocab_size is missing: pass the tokenizer's vocabulary size")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"the config is not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise ConfigError("a config in JSON must be an object of key: value pairs")
+        return cls.from_dict(values)
+
+
+# Named configurations. "default" is the dataclass defaults (Llama-style); "gpt2" is the
+# baseline of GPT-2 (Radford et al., 2019) at the same size: LayerNorm, learned absolute
+# positions, a GELU MLP, full multi-head attention, biases everywhere.
+PRESETS = {
+    "default": {},
+    "gpt2": {"n_kv_heads": None, "ffn": "gelu", "norm": "layernorm", "positions": "learned", "bias": True},
+}
+
+
+def _layer_spec(entry, index: int) -> LayerSpec:
+    if isinstance(entry, LayerSpec):
+        return entry
+    if not isinstance(entry, dict):
+        raise ConfigError(f"layers[{index}] must be a dict such as {{'ffn': 'gelu'}}, got {entry!r}")
+    known = {field.name for field in dataclasses.fields(LayerSpec)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ConfigError(f"layers[{index}] has unknown key(s) {', '.join(unknown)}: "
+                          f"a layer may override {', '.join(sorted(known))}")
+    return LayerSpec(**entry)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
+
+
+def _check_kind(name: str, value: str, kinds: tuple[str, ...]) -> None:
+    if value not in kinds:
+        raise ConfigError(f"unknown {name} kind {value!r}: choose one of {', '.join(kinds)}")

@@ -1,0 +1,63 @@
+"""Feed-forward networks: the position-wise MLP of every decoder block.
+
+- `GeluMLP`, GPT-2's: widen to 4·d, GELU (Hendrycks & Gimpel, arXiv 1606.08415), back to d.
+- `SwiGLU`, Llama's (Shazeer, "GLU Variants Improve Transformer", arXiv 2002.05202):
+  a SiLU-activated gate multiplies a second up-projection elementwise. It has three
+  matrices instead of two, so its hidden width is 2/3 of 4·d to keep the parameter count
+  about the same.
+
+Both read the config the same way, so the model builds either with `FFNS[kind](config)`.
+The last projection of each is named `down`: it writes into the residual stream, and the
+model gives it a smaller initialisation (see model.py).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lilllm.config import ModelConfig
+
+SWIGLU_MULTIPLE = 32  # round SwiGLU's hidden width up to a multiple of this (friendlier matmul shapes)
+
+
+def gelu_hidden(d_model: int) -> int:
+    """GPT-2's rule: the hidden layer is four times the width."""
+    return 4 * d_model
+
+
+def swiglu_hidden(d_model: int, multiple: int = SWIGLU_MULTIPLE) -> int:
+    """2/3 of 4·d, rounded up to a multiple of `multiple`: 3 matrices of d × (8d/3) hold
+    as many weights as GELU's 2 matrices of d × 4d."""
+    return multiple * math.ceil(2 * 4 * d_model / 3 / multiple)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.ffn_hidden or gelu_hidden(config.d_model)
+        self.up = nn.Linear(config.d_model, hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))  # (B, T, C) → (B, T, H) → (B, T, C)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.ffn_hidden or swiglu_hidden(config.d_model)
+        self.gate = nn.Linear(config.d_model, hidden, bias=config.bias)
+        self.up = nn.Linear(config.d_model, hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, T, C) → two (B, T, H) projections; the gate decides, per hidden unit, how much passes
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))  # (B, T, C)
+
+
+# The config names a feed-forward network by one of these keys: FFNS[kind](config).
+FFNS = {"swiglu": SwiGLU, "gelu": GeluMLP}

@@ -1,0 +1,148 @@
+"""The decoder-only language model: token embedding (+ absolute positions, if any), a
+stack of pre-norm blocks, a final norm and an output head over the vocabulary.
+
+    from lilllm.model import GPT, ModelConfig
+    model = GPT(ModelConfig.preset("default", vocab_size=2048))  # or "gpt2"
+
+One class builds both the Llama-style default and the GPT-2-style baseline; the config
+decides every difference (see config.py).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lilllm import LilllmError
+from lilllm.config import ModelConfig
+from lilllm.layers.attention import ATTENTIONS, KVCache, LayerCache
+from lilllm.layers.ffn import FFNS
+from lilllm.layers.norm import NORMS
+from lilllm.layers.rope import rope_angles, sinusoidal_positions
+
+__all__ = ["GPT", "Block", "ModelConfig", "KVCache"]
+
+INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix and embedding
+# The layers name their projection back into the residual stream like this; the model
+# shrinks its initialisation (see GPT._init_weights).
+RESIDUAL_PROJECTIONS = ("out_proj", "down")
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then + ffn(norm(x)). Normalising the
+    input of each branch, not the sum, leaves a clean residual path from the embedding
+    to the head (Xiong et al., arXiv 2002.04745)."""
+
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        kinds = config.layer(index)
+        self.attn_norm = NORMS[config.norm](config.d_model, eps=config.norm_eps)
+        self.attn = ATTENTIONS[kinds.attention](config)
+        self.ffn_norm = NORMS[config.norm](config.d_model, eps=config.norm_eps)
+        self.ffn = FFNS[kinds.ffn](config)
+
+    def forward(self, x, cos=None, sin=None, cache: LayerCache | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)  # (B, T, C)
+        return x + self.ffn(self.ffn_norm(x))  # (B, T, C)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positions == "learned":
+            self.pos_emb = nn.Embedding(config.block_size, config.d_model)
+        elif config.positions == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_positions(config.block_size, config.d_model),
+                                 persistent=False)
+        else:  # rope: fixed tables, rebuilt on load, so not saved with the weights
+            cos, sin = rope_angles(config.head_dim, config.block_size, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = NORMS[config.norm](config.d_model, eps=config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:  # one matrix both reads tokens in and scores them out
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # Each block adds two branch outputs to the residual stream; scale them down so the
+        # stream's variance at init does not grow with depth (GPT-2, Radford et al. 2019).
+        residual_std = INIT_STD / math.sqrt(2 * config.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(tuple(f"{proj}.weight" for proj in RESIDUAL_PROJECTIONS)):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for `forward(..., cache=...)`."""
+        return KVCache(self.config.n_layers)
+
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids (B, T) → logits (B, T, vocab_size), and the mean cross-entropy over the
+        targets (B, T) when given (positions whose target is -100 are ignored).
+        With a cache, ids are the new tokens only, at positions cache.position onwards."""
+        B, T = ids.shape
+        start = cache.position if cache is not None else 0
+        x = self.tok_emb(ids)  # (B, T, C)
+        cos = sin = None
+        if self.config.positions == "rope":
+            cos, sin = self._rope(start, T)  # (T, head_dim) each
+        else:
+            if start + T > self.config.block_size:
+                raise LilllmError(f"positions {start}..{start + T - 1} pass block_size={self.config.block_size}, "
+                                  f"where {self.config.positions} positions end: feed at most block_size tokens "
+                                  "(with a cache, start a fresh one on the last tokens)")
+            if self.config.positions == "learned":
+                x = x + self.pos_emb(torch.arange(start, start + T, device=ids.device))  # (T, C) broadcast
+            else:
+                x = x + self.pos_table[start:start + T]
+        x = self.dropout(x)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
+        for block, layer_cache in zip(self.blocks, layer_caches):
+            x = block(x, cos, sin, layer_cache)  # (B, T, C)
+        if cache is not None:
+            cache.position += T
+        logits = self.head(self.norm(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE angles for positions start .. start+T-1. Past block_size (generation with a
+        cropped cache) they are computed on the fly: RoPE has no last position."""
+        cos, sin = self.rope_cos, self.rope_sin
+        if start + T > cos.size(0):
+            cos, sin = rope_angles(self.config.head_dim, start + T, self.config.rope_base)
+            cos, sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return cos[start:start + T], sin[start:start + T]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters by component; a tied head counts once, under embedding."""
+        counts = dict.fromkeys(["embedding", "positions", "attention", "ffn", "norms", "head"], 0)
+        for name, param in self.named_parameters():  # shared (tied) tensors are listed once
+            if name.startswith("tok_emb."):
+                part = "embedding"
+            elif name.startswith("pos_emb."):
+                part = "positions"
+            elif name.startswith("head."):
+                part = "head"
+            elif ".attn." in name:
+                part = "attention"
+            elif ".ffn." in name:
+                part = "ffn"
+            else:
+                part = "norms"
+            counts[part] += param.numel()
+        counts["total"] = sum(counts.values())
+        return counts

@@ -1,0 +1,57 @@
+"""Feed-forward networks: the width rules, parameter counts by hand, and the formulas."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lilllm.config import ModelConfig
+from lilllm.layers.ffn import FFNS, GeluMLP, SwiGLU, gelu_hidden, swiglu_hidden
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("d_model, expected", [(128, 352), (96, 256), (192, 512), (768, 2048), (100, 288)])
+def test_swiglu_hidden_is_two_thirds_of_four_d_rounded_up_to_32(d_model, expected):
+    assert swiglu_hidden(d_model) == expected
+    assert expected % 32 == 0 and 8 * d_model / 3 <= expected < 8 * d_model / 3 + 32
+
+
+def test_parameter_counts_by_hand():
+    config = ModelConfig(vocab_size=10, d_model=128)
+    assert gelu_hidden(128) == 512
+    assert n_params(GeluMLP(config)) == 2 * 128 * 512
+    assert n_params(SwiGLU(config)) == 3 * 128 * 352
+    with_bias = ModelConfig(vocab_size=10, d_model=128, bias=True)
+    assert n_params(GeluMLP(with_bias)) == 2 * 128 * 512 + 512 + 128
+    assert n_params(SwiGLU(with_bias)) == 3 * 128 * 352 + 2 * 352 + 128
+
+
+@pytest.mark.parametrize("d_model", [128, 256, 768])
+def test_the_two_thirds_rule_keeps_swiglu_within_5_percent_of_gelu(d_model):
+    config = ModelConfig(vocab_size=10, d_model=d_model, n_heads=2)
+    ratio = n_params(SwiGLU(config)) / n_params(GeluMLP(config))
+    assert 1.0 <= ratio < 1.05
+
+
+def test_an_explicit_hidden_width_overrides_the_rule():
+    config = ModelConfig(vocab_size=10, d_model=64, ffn_hidden=100)
+    assert SwiGLU(config).up.out_features == GeluMLP(config).up.out_features == 100
+
+
+def test_the_outputs_follow_the_formulas():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=10, d_model=32, n_heads=2, bias=True)
+    x = torch.randn(2, 5, 32)
+    gelu, swiglu = GeluMLP(config), SwiGLU(config)
+    expected = F.linear(F.gelu(F.linear(x, gelu.up.weight, gelu.up.bias)), gelu.down.weight, gelu.down.bias)
+    torch.testing.assert_close(gelu(x), expected)
+    gate = x @ swiglu.gate.weight.T + swiglu.gate.bias
+    up = x @ swiglu.up.weight.T + swiglu.up.bias
+    expected = (gate * torch.sigmoid(gate) * up) @ swiglu.down.weight.T + swiglu.down.bias  # SiLU(a) = a·σ(a)
+    torch.testing.assert_close(swiglu(x), expected)
+
+
+def test_ffns_maps_the_config_kinds_to_the_classes():
+    assert FFNS == {"swiglu": SwiGLU, "gelu": GeluMLP}
