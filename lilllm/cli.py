@@ -5,12 +5,43 @@ import argparse
 import sys
 
 from lilllm import LilllmError
+from lilllm.tokenizer import DEFAULT_VOCAB_SIZE
 
 
 def cmd_env(args) -> int:
     from lilllm.env import main
 
     return main(args.device)
+
+
+def cmd_prepare(args) -> int:
+    from lilllm.data import prepare
+
+    data = prepare(args.tokenizer, args.vocab_size, args.input, args.out, args.text_field, progress=True)
+    meta = data.meta
+    print(f"wrote {data.path}: {meta['tokenizer']} tokenizer, {meta['vocab_size']:,} tokens ({meta['dtype']} files)")
+    for split in ("train", "val"):
+        tokens, n_bytes = meta[f"{split}_tokens"], meta[f"{split}_bytes"]
+        print(f"  {split}: {tokens:,} tokens from {n_bytes:,} bytes ({n_bytes / tokens:.2f} bytes per token)")
+    return 0
+
+
+def cmd_bench_tokenizer(args) -> int:
+    import json
+
+    from lilllm.data import load_text, train_val_split
+    from lilllm.tokenizer import benchmark
+
+    text = load_text()
+    train, _ = train_val_split(text)
+    result = benchmark(train, text, args.vocab_size, args.repeats)
+    print(f"training a {result['vocab_size']:,}-token BPE on the train split: {result['train_s']:.2f} s")
+    print(f"encoding the corpus ({result['megabytes']:.2f} MB, {result['tokens']:,} tokens) in one call, best of {args.repeats}:")
+    print(f"  tokenizers {result['hf_mb_s']:6.2f} MB/s")
+    print(f"  tiktoken   {result['tiktoken_mb_s']:6.2f} MB/s  ({result['speedup']}x faster)")
+    print(f"  identical ids: {'yes' if result['ids_identical'] else 'NO'}")
+    print(json.dumps(result))
+    return 0 if result["ids_identical"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", help="check Python, the dependencies, the device and the data")
     env.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: $LILLLM_DEVICE, else the best available)")
     env.set_defaults(run=cmd_env)
+
+    prepare = commands.add_parser("prepare", help="train a tokenizer and write the token files of a corpus")
+    prepare.add_argument("--tokenizer", choices=("char", "bpe"), default="bpe", help="tokenizer kind (default: bpe)")
+    prepare.add_argument("--vocab-size", type=int, help=f"BPE vocabulary size, special tokens included (default: {DEFAULT_VOCAB_SIZE})")
+    prepare.add_argument("--input", nargs="+", metavar="FILE",
+                         help="local .txt, .jsonl/.json or .parquet files (default: the vendored tiny-shakespeare)")
+    prepare.add_argument("--text-field", default="text", help="the field that holds the text in jsonl/parquet rows (default: text)")
+    prepare.add_argument("--out", metavar="DIR", help="output folder (default: data/<corpus>-<tokenizer>[-<vocab size>])")
+    prepare.set_defaults(run=cmd_prepare)
+
+    bench = commands.add_parser("bench", help="measure speed").add_subparsers(dest="target", required=True, metavar="TARGET")
+    bench_tokenizer = bench.add_parser("tokenizer", help="time BPE training and encoding with tokenizers vs tiktoken")
+    bench_tokenizer.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help=f"(default: {DEFAULT_VOCAB_SIZE})")
+    bench_tokenizer.add_argument("--repeats", type=int, default=3, help="time each step this many times, keep the best (default: 3)")
+    bench_tokenizer.set_defaults(run=cmd_bench_tokenizer)
     return parser
 
 
