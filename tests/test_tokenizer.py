@@ -228,3 +228,15 @@ def test_tokenizer_with_other_special_tokens(tmp_path):
     path.write_text(json.dumps(content))
     with pytest.raises(LilllmError, match="other special tokens than this version"):
         load_tokenizer(path)
+
+
+def test_cli_bench_tokenizer(capsys):
+    from lilllm.cli import main
+
+    assert main(["bench", "tokenizer", "--vocab-size", "300", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert {"train_s", "hf_mb_s", "tiktoken_mb_s", "speedup"} <= set(result)
+    assert result["ids_identical"] is True and result["vocab_size"] == 300
+    assert all(result[key] > 0 for key in ("train_s", "hf_mb_s", "tiktoken_mb_s", "speedup"))
+    assert any("identical ids: yes" in line for line in lines)
