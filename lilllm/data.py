@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +80,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
+def _datasets():
+    """The `datasets` module, imported when first needed (it takes a second). Importing it loads
+    tqdm.auto, which warns in Jupyter when ipywidgets is absent; lilllm shows no bars there."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import datasets
+    return datasets
+
+
 def _as_documents(documents):
     """A datasets.Dataset with a "text" column, from a string, a list of strings or a Dataset."""
-    import datasets  # imported when needed: it takes a second
-
+    datasets = _datasets()
     if isinstance(documents, datasets.Dataset):
         return documents
     return datasets.Dataset.from_dict({"text": [documents] if isinstance(documents, str) else list(documents)})
@@ -100,8 +109,7 @@ def _write_atomically(path: Path, write) -> None:
 def prepare_tokens(tokenizer: Tokenizer, train, val, out_dir, progress: bool = False) -> dict:
     """Encode each split (a string, a list of documents or a datasets.Dataset with a "text"
     column) into out_dir/{train,val}.bin, then write meta.json and return it."""
-    import datasets
-
+    datasets = _datasets()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
@@ -169,8 +177,7 @@ def load_corpus(files, text_field: str = "text"):
     """(train, val) documents from local files, offline, with `datasets`: .txt files (one
     document each), .jsonl/.json or .parquet (one document per row, its `text_field`).
     One document splits at 90% of its characters; several, at 90% of the documents."""
-    import datasets
-
+    datasets = _datasets()
     files = [Path(f) for f in files]
     builders = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
     for f in files:
