@@ -103,7 +103,7 @@ class ModelConfig:
             raise ConfigError(f"dropout is a probability in [0, 1), got {self.dropout}")
         if self.layers is not None:
             if len(self.layers) != self.n_layers:
-                raise ConfigError(f"the per-layer list has {len(self.layers)} entries but n_layers={self.n_layers}: "
+                raise ConfigError(f"the per-layer list has length {len(self.layers)} but n_layers={self.n_layers}: "
                                   "give one entry per layer ({} keeps the model-wide kinds)")
             for i, spec in enumerate(self.layers):
                 if spec.attention is not None:

@@ -50,7 +50,7 @@ def test_n_kv_heads_none_means_multi_head():
     ({"norm_eps": 0.0}, "norm_eps must be positive"),
     ({"rope_base": -1.0}, "rope_base must be positive"),
     ({"dropout": 1.0}, r"dropout is a probability in \[0, 1\)"),
-    ({"layers": [{}, {}]}, "the per-layer list has 2 entries but n_layers=4"),
+    ({"layers": [{}, {}]}, "the per-layer list has length 2 but n_layers=4"),
     ({"n_layers": 1, "layers": [{"ffn": "moe"}]}, r"unknown layers\[0\].ffn kind 'moe'"),
     ({"n_layers": 1, "layers": [{"attention": "plga"}]}, r"unknown layers\[0\].attention kind 'plga'"),
     ({"n_layers": 1, "layers": [{"experts": 8}]}, r"layers\[0\] has unknown key\(s\) experts"),
