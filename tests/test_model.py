@@ -141,9 +141,13 @@ def test_tied_and_untied_heads():
 
 
 def test_the_config_picks_the_norm_and_feed_forward_classes():
-    model = tiny(norm="layernorm", ffn="gelu")
+    model = tiny(norm="layernorm", ffn="gelu", norm_eps=1e-6)
     assert isinstance(model.norm, LayerNorm) and isinstance(model.blocks[0].ffn, GeluMLP)
     assert isinstance(tiny().blocks[0].attn_norm, RMSNorm)
+    x, norm = torch.randn(2, 3, 32), model.blocks[1].ffn_norm
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    torch.testing.assert_close(norm(x), F.layer_norm(x, (32,), norm.weight, norm.bias, eps=1e-6))
 
 
 def test_a_per_layer_list_builds_the_kinds_it_names():
