@@ -67,6 +67,7 @@ class GPT(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:  # one matrix both reads tokens in and scores them out
             self.head.weight = self.tok_emb.weight
+        self.last_auxiliary: dict[str, torch.Tensor] = {}  # the auxiliary terms of the last loss, detached
         self.apply(self._init_weights)
         # Each block adds two branch outputs to the residual stream; scale them down so the
         # stream's variance at init does not grow with depth (GPT-2, Radford et al. 2019).
@@ -89,7 +90,8 @@ class GPT(nn.Module):
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ids (B, T) → logits (B, T, vocab_size), and the mean cross-entropy over the
-        targets (B, T) when given (positions whose target is -100 are ignored).
+        targets (B, T) when given (positions whose target is -100 are ignored), plus the
+        auxiliary training terms of the layers that have them (see `_auxiliary_loss`).
         With a cache, ids are the new tokens only, at positions cache.position onwards."""
         B, T = ids.shape
         start = cache.position if cache is not None else 0
@@ -116,7 +118,23 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+            loss = loss + self._auxiliary_loss()
         return logits, loss
+
+    def _auxiliary_loss(self) -> torch.Tensor | float:
+        """The sum of the extra training terms of the last forward pass (e.g. a mixture of
+        experts' balance loss). A layer reports its terms, already weighted, from a method
+        `auxiliary_losses() -> {name: tensor}`; each name is averaged over the layers that
+        report it, so the weight does not grow with depth. The terms are kept, detached, in
+        `last_auxiliary` for the log."""
+        terms: dict[str, list[torch.Tensor]] = {}
+        for module in self.modules():
+            if hasattr(module, "auxiliary_losses"):
+                for name, value in module.auxiliary_losses().items():
+                    terms.setdefault(name, []).append(value)
+        means = {name: torch.stack(values).mean() for name, values in terms.items()}
+        self.last_auxiliary = {name: value.detach() for name, value in means.items()}
+        return sum(means.values(), 0.0)
 
     def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE angles for positions start .. start+T-1. Past block_size (generation with a

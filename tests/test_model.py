@@ -166,3 +166,15 @@ def test_residual_projections_start_smaller_as_depth_grows():
         assert block.attn.out_proj.weight.std().item() == pytest.approx(expected, rel=0.05)
         assert block.ffn.down.weight.std().item() == pytest.approx(expected, rel=0.05)
         assert block.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_auxiliary_losses_of_layers_are_averaged_per_name_and_added_to_the_loss():
+    model = tiny(n_layers=3)
+    reported = [{"balance": torch.tensor(1.0), "other": torch.tensor(0.5)}, {}, {"balance": torch.tensor(3.0)}]
+    for block, terms in zip(model.blocks, reported):
+        block.ffn.auxiliary_losses = lambda terms=terms: terms  # a layer with training terms
+    ids = torch.randint(0, 64, (2, 8))
+    logits, loss = model(ids, ids)
+    cross_entropy = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
+    torch.testing.assert_close(loss, cross_entropy + (1.0 + 3.0) / 2 + 0.5)
+    assert model.last_auxiliary == {"balance": 2.0, "other": 0.5}
