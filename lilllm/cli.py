@@ -44,6 +44,38 @@ def cmd_bench_tokenizer(args) -> int:
     return 0 if result["ids_identical"] else 1
 
 
+def cmd_train(args) -> int:
+    from lilllm.train import make_config, train
+
+    config = make_config(args.preset, args.settings, args.config)
+    result = train(config, resume=args.resume)
+    return 130 if result.summary["interrupted"] else 0
+
+
+def cmd_eval(args) -> int:
+    from lilllm.train import evaluate_checkpoint
+
+    scores = evaluate_checkpoint(args.checkpoint, args.device)
+    print(f"{args.checkpoint} (step {scores['step']:,}): val {scores['val_bpb']:.4f} bits per byte "
+          f"({scores['val_loss']:.4f} nats per token)")
+    return 0
+
+
+def cmd_bench_pretrain(args) -> int:
+    import json
+
+    from lilllm.train import bench_pretrain
+
+    result = bench_pretrain(args.long, args.steps, args.device)
+    print(f"matmul throughput: {result['matmul_flops'] / 1e9:.0f} GFLOP/s")
+    print(f"{'recipe':<12} {'val bpb':>8} {'best bpb':>8} {'steps':>7} {'train s':>8} {'bytes/s':>9} {'MFU':>6}")
+    for name, run in result["runs"].items():
+        print(f"{name:<12} {run['val_bpb']:8.4f} {run['best_val_bpb']:8.4f} {run['step']:7,} {run['train_time_s']:8.1f} "
+              f"{run['bytes_per_s']:9,.0f} {run['mfu']:6.1%}")
+    print(json.dumps(result["line"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lilllm", description="Build, train, fine-tune and sample a small language model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -66,11 +98,34 @@ def build_parser() -> argparse.ArgumentParser:
     bench_tokenizer.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help=f"(default: {DEFAULT_VOCAB_SIZE})")
     bench_tokenizer.add_argument("--repeats", type=int, default=3, help="time each step this many times, keep the best (default: 3)")
     bench_tokenizer.set_defaults(run=cmd_bench_tokenizer)
+    bench_pretrain = bench.add_parser("pretrain", help="nanoGPT's CPU recipe, then the default recipe for the same time")
+    bench_pretrain.add_argument("--long", action="store_true", help="also train the `long` recipe (10 minutes)")
+    bench_pretrain.add_argument("--steps", type=int, help="shorten the nanoGPT run to this many steps (a quick check)")
+    bench_pretrain.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    bench_pretrain.set_defaults(run=cmd_bench_pretrain)
+
+    train = commands.add_parser("train", help="pretrain a model (a preset, changed with --key=value settings)",
+                                epilog="settings: any TrainConfig field as --key=value (--lr=3e-4, --steps=500), "
+                                       "model fields as --model.key=value (--model.d_model=192); "
+                                       "run under `torchrun --nproc_per_node=N` for several processes")
+    train.add_argument("preset", nargs="?", default="tiny", help="tiny (default), nanogpt-cpu or long")
+    train.add_argument("--config", metavar="FILE", help="a JSON file of settings, applied before --key=value ones")
+    train.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last.pt")
+    train.set_defaults(run=cmd_train, takes_settings=True)
+
+    evaluate = commands.add_parser("eval", help="score a checkpoint on the val split, in bits per byte")
+    evaluate.add_argument("checkpoint", help="a .pt file written by `lilllm train` (e.g. runs/tiny/best.pt)")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, settings = parser.parse_known_args(argv)  # --key=value settings are the train command's
+    if settings and not getattr(args, "takes_settings", False):
+        parser.error(f"unrecognized arguments: {' '.join(settings)}")
+    args.settings = settings
     try:
         return args.run(args)
     except LilllmError as err:

@@ -1,0 +1,307 @@
+"""The training loop: settings, schedule, optimizer groups, clipping, bits per byte, and
+runs on a small corpus that checkpoint, refuse what they should, resume exactly, and run
+from the command line."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lilllm import LilllmError
+from lilllm.cli import main as cli_main
+from lilllm.config import ModelConfig
+from lilllm.data import load_text, prepare
+from lilllm.env import REPO_ROOT
+from lilllm.model import GPT
+from lilllm.train import (BEST, LAST, PRESETS, TrainConfig, clip_gradients, evaluate, learning_rate, load_checkpoint,
+                          load_data, make_config, make_optimizer, read_metrics, train)
+import lilllm.train as train_module
+
+# A model small enough to take a few steps in well under a second.
+SMALL = ["--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--model.n_kv_heads=1",
+         "--model.block_size=16", "--batch_size=4", "--warmup=2", "--log_interval=1", "--eval_interval=3"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """A character-level dataset of the first 30,000 characters (27,000 train, 3,000 val)."""
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "small.txt").write_text(load_text()[:30_000])
+    prepare("char", None, [folder / "small.txt"], folder / "prepared")
+    return folder / "prepared"
+
+
+def small_config(small_data, out_dir, *more):
+    return make_config("tiny", [f"--data_dir={small_data}", f"--out_dir={out_dir}", "--steps=6", *SMALL, *more])
+
+
+def train_losses(out_dir):
+    return [r["loss"] for r in read_metrics(out_dir) if r["split"] == "train"]
+
+
+# --- settings ---------------------------------------------------------------------------
+
+def test_presets_build_and_nanogpt_cpu_is_its_recipe():
+    for name in PRESETS:
+        make_config(name)
+    c = make_config("nanogpt-cpu")
+    assert (c.tokenizer, c.model_preset, c.batch_size, c.steps, c.lr, c.min_lr, c.warmup, c.beta2, c.weight_decay) == \
+        ("char", "gpt2", 12, 2000, 1e-3, 1e-4, 100, 0.99, 0.1)
+    model = c.model_config(vocab_size=73)
+    assert (model.n_layers, model.n_heads, model.d_model, model.block_size, model.dropout, model.bias) == \
+        (4, 4, 128, 64, 0.0, False)
+    assert (model.norm, model.positions, model.ffn) == ("layernorm", "learned", "gelu")
+
+
+def test_overrides_are_typed():
+    c = make_config("tiny", ["--lr=3e-4", "--steps=7", "--tokenizer=char", "--vocab_size=none", "--compile=true", "--model.d_model=64",
+                             "--time_budget=12", "--clip=value"])
+    assert (c.lr, c.steps, c.vocab_size, c.compile, c.model["d_model"], c.time_budget, c.clip) == \
+        (3e-4, 7, None, True, 64, 12.0, "value")
+    assert c.model["block_size"] == TrainConfig().model["block_size"]  # the other model values stay
+
+
+def test_config_file_then_overrides(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"steps": 9, "lr": 1e-3, "model": {"d_model": 64}}))
+    c = make_config("tiny", ["--lr=5e-4"], path)
+    assert (c.steps, c.lr, c.model) == (9, 5e-4, {"d_model": 64})
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--bogus=1"], "unknown setting --bogus"),
+    (["--steps=ten"], r"--steps=ten: expected int"),
+    (["--steps=1.5"], r"expected int"),
+    (["--model.width=3"], "unknown model setting --model.width"),
+    (["--model.d_model=wide"], "model.d_model=wide: expected int"),
+    (["--lr=-1"], "lr=-1.0"),
+    (["--clip=sometimes"], "use norm, value or none"),
+    (["steps=3"], "write settings as --key=value"),
+    (["--steps"], "write settings as --key=value"),
+])
+def test_bad_settings_are_named(overrides, match):
+    with pytest.raises(LilllmError, match=match):
+        make_config("tiny", overrides)
+
+
+def test_bad_preset_and_bad_file(tmp_path):
+    with pytest.raises(LilllmError, match="unknown preset 'huge'"):
+        make_config("huge")
+    with pytest.raises(LilllmError, match="is missing"):
+        make_config("tiny", [], tmp_path / "absent.json")
+    (tmp_path / "bad.json").write_text("{steps: 3")
+    with pytest.raises(LilllmError, match="not valid JSON"):
+        make_config("tiny", [], tmp_path / "bad.json")
+    (tmp_path / "typed.json").write_text('{"steps": "3"}')
+    with pytest.raises(LilllmError, match="steps='3' has the wrong type: expected int"):
+        make_config("tiny", [], tmp_path / "typed.json")
+
+
+# --- the pieces of a step -----------------------------------------------------------------
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, steps=110)
+    lrs = [learning_rate(step, c) for step in range(c.steps)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear: (step + 1) / warmup
+    assert lrs[10] == pytest.approx(1e-3)  # the cosine starts at the peak
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then only falls
+    assert learning_rate(c.steps, c) == pytest.approx(1e-4) and learning_rate(10 * c.steps, c) == pytest.approx(1e-4)
+    assert learning_rate(60, c) == pytest.approx(5.5e-4)  # halfway: the mean of peak and floor
+    assert learning_rate(60, c, progress=1.0) == pytest.approx(1e-4)  # a timed run passes its own progress
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPT(ModelConfig.preset("gpt2", vocab_size=50, d_model=32, n_layers=1, n_heads=2, block_size=8))
+    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))  # tied head counted once
+
+
+def test_clipping_by_norm_and_by_value():
+    model = torch.nn.Linear(4, 4)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    norm = clip_gradients(model, TrainConfig(clip="value", grad_clip=0.5))
+    assert norm == pytest.approx(3.0 * math.sqrt(20)) and all((p.grad == 0.5).all() for p in model.parameters())
+    clip_gradients(model, TrainConfig(clip="norm", grad_clip=1.0))
+    assert torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item() == pytest.approx(1.0)
+
+
+def test_evaluate_scores_every_val_token_once_in_bits_per_byte():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2, block_size=8)).eval()
+    tokens = torch.randint(0, 20, (30,)).numpy()  # 29 targets: three windows of 8, then one of 5
+    scores = evaluate(model, tokens, n_bytes=40, block_size=8, batch_size=2)
+    nats = 0.0
+    for start, length in [(0, 8), (8, 8), (16, 8), (24, 5)]:
+        x = torch.as_tensor(tokens[start:start + length + 1], dtype=torch.long)
+        logits, _ = model(x[None, :-1])
+        nats += F.cross_entropy(logits[0], x[1:], reduction="sum").item()
+    assert scores["val_loss"] == pytest.approx(nats / 29)
+    assert scores["val_bpb"] == pytest.approx(nats / (math.log(2) * 40))
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+def test_a_run_writes_metrics_checkpoints_and_a_plot(small_data, tmp_path):
+    result = train(small_config(small_data, tmp_path / "run"), progress=False)
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["best.pt", "config.json", "last.pt", "loss.png", "metrics.jsonl"]
+    state = torch.load(tmp_path / "run" / LAST, weights_only=True)  # plain tensors and values only
+    assert state["step"] == 6 and json.loads(state["train_config"])["steps"] == 6
+    assert state["tokenizer_fingerprint"] == load_data(small_config(small_data, tmp_path)).tokenizer.fingerprint
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records if r["split"] == "val"] == [3, 6]
+    assert result.summary["val_bpb"] == records[-1]["bpb"] and result.summary["step"] == 6
+
+
+def test_resume_continues_the_same_curve_bit_for_bit(small_data, tmp_path, monkeypatch):
+    straight = train(small_config(small_data, tmp_path / "straight", "--model.dropout=0.1"), progress=False)
+
+    # Ctrl-C while the 4th batch is drawn: the run finishes step 4, saves and returns.
+    get_batch, calls = train_module.get_batch, []
+
+    def interrupting_get_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGINT)
+        return get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "get_batch", interrupting_get_batch)
+    halted = train(small_config(small_data, tmp_path / "split", "--model.dropout=0.1"), progress=False)
+    assert halted.summary["interrupted"] and load_checkpoint(tmp_path / "split" / LAST)["step"] == 4
+    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    resumed = train(small_config(small_data, tmp_path / "split", "--model.dropout=0.1"), resume=True, progress=False)
+
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")  # exactly, not approximately
+    assert len(train_losses(tmp_path / "split")) == 6
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_an_existing_run_is_not_overwritten(small_data, tmp_path):
+    train(small_config(small_data, tmp_path), progress=False)
+    before = (tmp_path / LAST).read_bytes()
+    with pytest.raises(LilllmError, match="already holds a run: pass --resume"):
+        train(small_config(small_data, tmp_path), progress=False)
+    assert (tmp_path / LAST).read_bytes() == before
+
+
+def test_resume_refuses_another_model_recipe_or_tokenizer(small_data, tmp_path):
+    train(small_config(small_data, tmp_path), progress=False)
+    with pytest.raises(LilllmError, match=r"another model config \(d_model differ\)"):
+        train(small_config(small_data, tmp_path, "--model.d_model=64"), resume=True, progress=False)
+    with pytest.raises(LilllmError, match=r"other settings \(lr differ\)"):
+        train(small_config(small_data, tmp_path, "--lr=1e-2"), resume=True, progress=False)
+    state = torch.load(tmp_path / LAST, weights_only=True)
+    state["tokenizer_fingerprint"] = "0123456789abcdef"
+    torch.save(state, tmp_path / LAST)
+    with pytest.raises(LilllmError, match="another tokenizer"):
+        train(small_config(small_data, tmp_path, "--steps=8"), resume=True, progress=False)
+
+
+def test_corrupt_or_missing_checkpoints_are_reported(small_data, tmp_path):
+    with pytest.raises(LilllmError, match="last.pt is missing"):
+        train(small_config(small_data, tmp_path), resume=True, progress=False)
+    train(small_config(small_data, tmp_path), progress=False)
+    whole = (tmp_path / LAST).read_bytes()
+    (tmp_path / LAST).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(LilllmError, match="corrupt or truncated"):
+        train(small_config(small_data, tmp_path, "--steps=8"), resume=True, progress=False)
+    assert (tmp_path / LAST).read_bytes() == whole[: len(whole) // 2]  # left as it was, for inspection
+    torch.save({"weights": torch.zeros(1)}, tmp_path / BEST)
+    with pytest.raises(LilllmError, match="not a lilllm checkpoint"):
+        load_checkpoint(tmp_path / BEST)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step(small_data, tmp_path, monkeypatch):
+    train(small_config(small_data, tmp_path), progress=False)
+    saved = (tmp_path / LAST).read_bytes()
+    forward, calls = GPT.forward, []
+
+    def poisoned(self, ids, targets=None, cache=None):
+        logits, loss = forward(self, ids, targets, cache)
+        calls.append(1)
+        return logits, loss * float("nan") if len(calls) == 2 and self.training else loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(LilllmError, match="the loss is nan at step 8"):
+        train(small_config(small_data, tmp_path, "--steps=10"), resume=True, progress=False)
+    assert (tmp_path / LAST).read_bytes() == saved
+
+
+def test_missing_token_files_say_how_to_make_them(tmp_path):
+    with pytest.raises(LilllmError, match="lilllm prepare"):
+        load_data(make_config("tiny", [f"--data_dir={tmp_path}"]))
+
+
+# --- the command line ---------------------------------------------------------------------
+
+def test_cli_train_then_eval(small_data, tmp_path, capsys):
+    args = ["train", f"--data_dir={small_data}", f"--out_dir={tmp_path}", "--steps=4", *SMALL]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "step      4 of 4 |" in out and "done: step 4" in out
+    assert cli_main(["eval", str(tmp_path / BEST)]) == 0
+    best = min(r["bpb"] for r in read_metrics(tmp_path) if r["split"] == "val")
+    assert f"val {best:.4f} bits per byte" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(small_data, tmp_path, capsys):
+    assert cli_main(["train", "--steps=many"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --steps=many: expected int"
+    assert cli_main(["eval", str(tmp_path / "absent.pt")]) == 2
+    assert "is missing" in capsys.readouterr().err
+
+
+def test_cli_bench_pretrain_runs_both_recipes(capsys, monkeypatch):
+    """The harness, shortened: two nanoGPT steps, then the default recipe for that time."""
+    monkeypatch.setitem(PRESETS, "tiny", {**PRESETS["tiny"], "model": {"block_size": 16, "d_model": 32,
+                                                                       "n_layers": 1, "n_heads": 2}})
+    monkeypatch.setitem(PRESETS, "nanogpt-cpu", {**PRESETS["nanogpt-cpu"], "model": {
+        **PRESETS["nanogpt-cpu"]["model"], "d_model": 32, "n_layers": 1, "block_size": 16}})
+    assert cli_main(["bench", "pretrain", "--steps=2"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(line) == sorted(["nanogpt_cpu_bpb", "default_bpb", "nanogpt_cpu_bytes_s", "default_bytes_s",
+                                   "default_mfu", "wall_s"])
+    assert all(value > 0 for value in line.values())
+
+
+# --- several processes ------------------------------------------------------------------------
+
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(small_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo), each drawing half of every global batch, gives the
+    losses of one process that draws the whole batch."""
+    common = [f"--data_dir={small_data}", *SMALL, "--steps=4"]
+    one = train(make_config("tiny", [*common, "--batch_size=4", f"--out_dir={tmp_path / 'one'}"]), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "lilllm.cli", "train", *common, "--batch_size=2", f"--out_dir={tmp_path / 'two'}"]
+    done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("done: step 4") == 1  # only rank 0 prints
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(tmp_path / "one"), rel=1e-5)
+    two = torch.load(tmp_path / "two" / LAST, weights_only=True)["model"]
+    for name, param in one.model.state_dict().items():
+        torch.testing.assert_close(two[name], param, rtol=1e-4, atol=1e-5)
+
+
+def test_pretrained_checkpoint_trains_once_then_reuses_the_run(small_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_module, "RUNS_DIR", tmp_path)
+    monkeypatch.setitem(PRESETS, "tiny", {"data_dir": str(small_data), "model": {
+        "block_size": 16, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1}, "batch_size": 4})
+    path = train_module.pretrained_checkpoint()
+    assert path == tmp_path / "pretrained-tiny-quick" / BEST  # tests run in quick mode
+    assert load_checkpoint(path)["step"] == 30
+    stamp = path.stat().st_mtime_ns
+    assert "training the tiny recipe once" in capsys.readouterr().out
+    assert train_module.pretrained_checkpoint() == path and path.stat().st_mtime_ns == stamp
+    assert capsys.readouterr().out == ""
+    assert [p.name for p in tmp_path.iterdir()] == ["pretrained-tiny-quick"]  # no temporary folder left
