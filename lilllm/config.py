@@ -19,9 +19,11 @@ from lilllm import LilllmError
 # The kinds each setting may name. The layer modules hold a dict from these names to
 # classes (ATTENTIONS, FFNS, NORMS); a test checks that both lists agree.
 ATTENTION_KINDS = ("softmax",)  # scaled dot-product softmax attention; n_kv_heads picks MHA/GQA/MQA
-FFN_KINDS = ("swiglu", "gelu")
+FFN_KINDS = ("swiglu", "gelu", "moe")  # moe: a mixture of SwiGLU experts, set by ModelConfig.moe
 NORM_KINDS = ("rmsnorm", "layernorm")
 POSITION_KINDS = ("rope", "learned", "sinusoidal")
+ROUTER_KINDS = ("softmax", "sigmoid")  # how a mixture-of-experts layer scores its experts
+BALANCE_KINDS = ("none", "aux_loss", "aux_free")  # how it keeps the experts evenly loaded
 
 
 class ConfigError(LilllmError, ValueError):
@@ -34,6 +36,39 @@ class LayerSpec:
 
     attention: str | None = None
     ffn: str | None = None
+
+
+@dataclass
+class MoEConfig:
+    """A mixture-of-experts feed-forward layer (layers/moe.py): each token goes to the
+    `top_k` of `n_experts` SwiGLU experts its router scores highest, plus `n_shared`
+    experts every token uses."""
+
+    n_experts: int = 8  # routed experts
+    top_k: int = 2  # experts per token
+    n_shared: int = 0  # always-on experts without a gate (DeepSeekMoE, arXiv 2401.06066)
+    expert_hidden: int | None = None  # each expert's SwiGLU width; None: the dense rule for d_model
+    router: str = "softmax"  # expert scores: softmax over experts, or an independent sigmoid each
+    renormalize: bool = True  # gate weights: the k chosen scores divided by their sum
+    balance: str = "aux_loss"  # none, aux_loss (Switch, arXiv 2101.03961) or aux_free (arXiv 2408.15664)
+    aux_loss_weight: float = 0.01  # α of the auxiliary loss (balance="aux_loss")
+    bias_update_rate: float = 1e-3  # u, the bias step per optimizer step (balance="aux_free")
+
+    def __post_init__(self):
+        for name in ("n_experts", "top_k"):
+            _check_positive_int(f"moe.{name}", getattr(self, name))
+        if self.expert_hidden is not None:
+            _check_positive_int("moe.expert_hidden", self.expert_hidden)
+        if isinstance(self.n_shared, bool) or not isinstance(self.n_shared, int) or self.n_shared < 0:
+            raise ConfigError(f"moe.n_shared must be a whole number ≥ 0, got {self.n_shared!r}")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"moe.top_k={self.top_k} is more than moe.n_experts={self.n_experts}: "
+                              "a token cannot choose more experts than there are")
+        _check_kind("moe.router", self.router, ROUTER_KINDS)
+        _check_kind("moe.balance", self.balance, BALANCE_KINDS)
+        if not self.aux_loss_weight >= 0 or not self.bias_update_rate >= 0:
+            raise ConfigError(f"moe.aux_loss_weight={self.aux_loss_weight} and moe.bias_update_rate="
+                              f"{self.bias_update_rate} must be ≥ 0")
 
 
 @dataclass
@@ -58,10 +93,13 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False  # biases in the linear layers
     layers: list[LayerSpec] | None = None  # optional, one entry per layer
+    moe: MoEConfig | None = None  # the settings of every "moe" feed-forward layer
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if isinstance(self.moe, dict):  # from JSON
+            self.moe = _nested(MoEConfig, self.moe, "moe")
         if self.layers is not None:
             self.layers = [_layer_spec(entry, i) for i, entry in enumerate(self.layers)]
         self._validate()
@@ -110,6 +148,9 @@ class ModelConfig:
                     _check_kind(f"layers[{i}].attention", spec.attention, ATTENTION_KINDS)
                 if spec.ffn is not None:
                     _check_kind(f"layers[{i}].ffn", spec.ffn, FFN_KINDS)
+        if self.moe is None and any(self.layer(i).ffn == "moe" for i in range(self.n_layers)):
+            raise ConfigError('an ffn of kind "moe" needs its settings: pass moe={} (the defaults) or '
+                              "moe={'n_experts': 8, 'top_k': 2, ...}")
 
     # --- presets and serialisation ---------------------------------------------------
 
@@ -154,6 +195,9 @@ class ModelConfig:
 PRESETS = {
     "default": {},
     "gpt2": {"n_kv_heads": None, "ffn": "gelu", "norm": "layernorm", "positions": "learned", "bias": True},
+    # The default with every feed-forward a mixture of 8 SwiGLU experts of half the dense
+    # width, 2 per token: as many active weights per token as the default, 4x the total.
+    "moe": {"ffn": "moe", "moe": {"n_experts": 8, "top_k": 2, "expert_hidden": 176}},
 }
 
 
@@ -168,6 +212,15 @@ def _layer_spec(entry, index: int) -> LayerSpec:
         raise ConfigError(f"layers[{index}] has unknown key(s) {', '.join(unknown)}: "
                           f"a layer may override {', '.join(sorted(known))}")
     return LayerSpec(**entry)
+
+
+def _nested(cls, values: dict, name: str):
+    """A nested settings dataclass (such as MoEConfig) from a plain dict."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{name} has unknown key(s) {', '.join(unknown)}: known keys are {', '.join(sorted(known))}")
+    return cls(**values)
 
 
 def _check_positive_int(name: str, value) -> None:

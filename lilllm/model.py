@@ -18,6 +18,7 @@ from lilllm import LilllmError
 from lilllm.config import ModelConfig
 from lilllm.layers.attention import ATTENTIONS, KVCache, LayerCache
 from lilllm.layers.ffn import FFNS
+from lilllm.layers.moe import MoE
 from lilllm.layers.norm import NORMS
 from lilllm.layers.rope import rope_angles, sinusoidal_positions
 
@@ -164,3 +165,10 @@ class GPT(nn.Module):
             counts[part] += param.numel()
         counts["total"] = sum(counts.values())
         return counts
+
+    def active_parameter_count(self) -> int:
+        """Parameters one token's forward pass uses: the total, less the routed experts each
+        mixture-of-experts layer leaves out (it runs top_k of its n_experts per token)."""
+        unused = sum(m.parameter_counts()["total"] - m.parameter_counts()["active"]
+                     for m in self.modules() if isinstance(m, MoE))
+        return self.parameter_counts()["total"] - unused

@@ -51,7 +51,7 @@ def test_n_kv_heads_none_means_multi_head():
     ({"rope_base": -1.0}, "rope_base must be positive"),
     ({"dropout": 1.0}, r"dropout is a probability in \[0, 1\)"),
     ({"layers": [{}, {}]}, "the per-layer list has length 2 but n_layers=4"),
-    ({"n_layers": 1, "layers": [{"ffn": "moe"}]}, r"unknown layers\[0\].ffn kind 'moe'"),
+    ({"n_layers": 1, "layers": [{"ffn": "relu"}]}, r"unknown layers\[0\].ffn kind 'relu'"),
     ({"n_layers": 1, "layers": [{"attention": "plga"}]}, r"unknown layers\[0\].attention kind 'plga'"),
     ({"n_layers": 1, "layers": [{"experts": 8}]}, r"layers\[0\] has unknown key\(s\) experts"),
     ({"n_layers": 1, "layers": ["gelu"]}, r"layers\[0\] must be a dict"),

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from lilllm.config import ModelConfig
 from lilllm.layers.ffn import FFNS, GeluMLP, SwiGLU, gelu_hidden, swiglu_hidden
+from lilllm.layers.moe import MoE
 
 
 def n_params(module):
@@ -54,4 +55,4 @@ def test_the_outputs_follow_the_formulas():
 
 
 def test_ffns_maps_the_config_kinds_to_the_classes():
-    assert FFNS == {"swiglu": SwiGLU, "gelu": GeluMLP}
+    assert FFNS == {"swiglu": SwiGLU, "gelu": GeluMLP, "moe": MoE}

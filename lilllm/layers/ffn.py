@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lilllm.config import ModelConfig
+from lilllm.layers.moe import MoE
 
 SWIGLU_MULTIPLE = 32  # round SwiGLU's hidden width up to a multiple of this (friendlier matmul shapes)
 
@@ -60,4 +61,4 @@ class SwiGLU(nn.Module):
 
 
 # The config names a feed-forward network by one of these keys: FFNS[kind](config).
-FFNS = {"swiglu": SwiGLU, "gelu": GeluMLP}
+FFNS = {"swiglu": SwiGLU, "gelu": GeluMLP, "moe": MoE}
