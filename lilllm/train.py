@@ -218,7 +218,7 @@ def _parse_value(key: str, text: str, hint):
                 continue
         if kind is str:
             return text
-        if kind in (dict, list) or typing.get_origin(kind) in (dict, list):
+        if kind in (dict, list) or typing.get_origin(kind) in (dict, list) or dataclasses.is_dataclass(kind):
             try:
                 return json.loads(text)
             except json.JSONDecodeError:
@@ -235,6 +235,8 @@ def _has_type(value, hint) -> bool:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return True
         if kind is not type(None) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return True
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):  # nested model settings (moe): ModelConfig checks them
             return True
     return False
 
@@ -463,6 +465,13 @@ def _from_rank0(values: list[float], world_size: int, device) -> list[float]:
     return tensor.tolist()
 
 
+def layer_metrics(model: GPT) -> dict[str, float]:
+    """What each layer measures about itself, keyed "name/layer": "maxvio/2" is the MaxVio
+    of layer 2's mixture of experts (a layer reports through a method `metrics()`)."""
+    return {f"{name}/{index}": value for index, block in enumerate(model.blocks) for module in block.modules()
+            if hasattr(module, "metrics") for name, value in module.metrics().items()}
+
+
 def _mean_over_ranks(value: float, world_size: int, device) -> float:
     if world_size == 1:
         return value
@@ -582,7 +591,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
             lr = learning_rate(step, config, progress_now)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum, auxiliary_sums = 0.0, {}
             for micro in range(config.grad_accum):
                 x, y = get_batch(data.train, config.batch_size * world_size, block_size, generator)
                 x, y = x[rank::world_size].to(device), y[rank::world_size].to(device)  # (B, T): this rank's rows
@@ -591,20 +600,29 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
                 with sync, autocast_context(device):
                     _, loss = trained(x, y)
                 (loss / config.grad_accum).backward()
-                loss_sum += loss.item()
+                auxiliary = {name: value.item() for name, value in model.last_auxiliary.items()}
+                loss_sum += loss.item() - sum(auxiliary.values())  # the cross-entropy alone, for bits per byte
+                for name, value in auxiliary.items():
+                    auxiliary_sums[name] = auxiliary_sums.get(name, 0.0) + value
             loss_value = _mean_over_ranks(loss_sum / config.grad_accum, world_size, device)
+            auxiliary = {name: _mean_over_ranks(total / config.grad_accum, world_size, device)
+                         for name, total in sorted(auxiliary_sums.items())}
             if not math.isfinite(loss_value):
                 raise LilllmError(f"the loss is {loss_value} at step {step + 1}: training diverged. Lower lr (now "
                                   f"{lr:.2e}) or check the data; the checkpoints in {_shown(out_dir)} are untouched")
             grad_norm = clip_gradients(model, config)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            for module in model.modules():  # state outside the optimizer, e.g. an MoE layer's balancing bias
+                if hasattr(module, "after_optimizer_step"):
+                    module.after_optimizer_step()
             step += 1
             train_time += time.perf_counter() - started
             tokens_per_s = tokens_per_step * (step - first_step) / (train_time - first_time)
             if step % config.log_interval == 0:
                 log({"step": step, "split": "train", "loss": loss_value, "bpb": loss_value / math.log(2) / bytes_per_token,
-                     "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "time_s": train_time})
+                     "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "time_s": train_time,
+                     **auxiliary, **layer_metrics(model)})
             timed_out = config.time_budget is not None and train_time >= config.time_budget
             stop, timed_out = (bool(v) for v in _from_rank0([interrupt.requested, timed_out], world_size, device))
             if config.eval_interval and step % config.eval_interval == 0 and step < config.steps and not stop:

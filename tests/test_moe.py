@@ -3,6 +3,7 @@ normalisation, the balance loss's known values, the aux-loss-free bias (selectio
 gradient, counts summed over accumulation and over processes), heterogeneous models,
 active and total parameters, and the config's errors."""
 
+import json
 import math
 
 import pytest
@@ -276,3 +277,56 @@ def test_the_moe_config_round_trips_through_json():
 def test_bad_moe_settings_are_rejected_with_a_message_naming_them(values, match):
     with pytest.raises(ConfigError, match=match):
         ModelConfig.from_dict({"vocab_size": 50, "n_layers": 2, "ffn": "moe", **values})
+
+
+# --- training: the loop calls the step hook, logs the terms and MaxVio, reads MoE configs from JSON -----
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """Character-level token files of the first 20,000 characters."""
+    from lilllm.data import load_text, prepare
+
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "small.txt").write_text(load_text()[:20_000])
+    prepare("char", None, [folder / "small.txt"], folder / "prepared")
+    return folder / "prepared"
+
+
+SMALL_RUN = ["--model.d_model=32", "--model.n_layers=2", "--model.n_heads=2", "--model.n_kv_heads=1",
+             "--model.block_size=16", "--batch_size=4", "--grad_accum=2", "--warmup=1", "--log_interval=1",
+             "--eval_interval=0", "--steps=3"]
+
+
+@pytest.mark.parametrize("balance", ["none", "aux_loss", "aux_free"])
+def test_training_an_moe_config_from_a_json_file(small_data, tmp_path, monkeypatch, balance):
+    from lilllm.train import make_config, read_metrics, train
+
+    moe = {"n_experts": 4, "top_k": 2, "balance": balance, "bias_update_rate": 0.01}
+    path = tmp_path / "moe.json"
+    path.write_text(json.dumps({"model": {"ffn": "moe", "layers": [{"ffn": "swiglu"}, {}], "moe": moe}}))
+    calls = []
+    step_hook = MoE.after_optimizer_step
+    monkeypatch.setattr(MoE, "after_optimizer_step", lambda self: (calls.append(self), step_hook(self)))
+    config = make_config("tiny", [f"--data_dir={small_data}", f"--out_dir={tmp_path / 'run'}", *SMALL_RUN], path)
+    result = train(config, progress=False)
+    layer = result.model.blocks[1].ffn
+    assert calls == [layer] * 3  # once per optimizer step, not per micro-step
+    assert layer.last_load.sum() == 2 * 4 * 16 * 2  # micro-steps × batch × block × top_k
+    records = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert [sorted(k for k in r if "/" in k or "aux" in k) for r in records] == \
+        [["maxvio/1"] + (["moe_aux"] if balance == "aux_loss" else [])] * 3
+    if balance == "aux_loss":
+        assert all(r["moe_aux"] >= 0.01 * (1 - 1e-6) for r in records)  # α·E·Σ f·P ≥ α
+    if balance == "aux_free":
+        assert 0 < layer.expert_bias.abs().max() <= 3 * 0.01 + 1e-6  # at most u per step
+    else:
+        assert not layer.expert_bias.any()
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]["blocks.1.ffn.expert_bias"]
+    assert torch.equal(saved, layer.expert_bias)  # the bias is part of the checkpoint
+
+
+def test_moe_settings_from_the_command_line():
+    from lilllm.train import make_config
+
+    config = make_config("tiny", ["--model.ffn=moe", '--model.moe={"n_experts": 4, "top_k": 1}'])
+    assert config.model_config(vocab_size=100).moe == MoEConfig(n_experts=4, top_k=1)
