@@ -18,10 +18,12 @@ from lilllm import LilllmError
 
 # The kinds each setting may name. The layer modules hold a dict from these names to
 # classes (ATTENTIONS, FFNS, NORMS); a test checks that both lists agree.
-ATTENTION_KINDS = ("softmax",)  # scaled dot-product softmax attention; n_kv_heads picks MHA/GQA/MQA
+ATTENTION_KINDS = ("softmax", "plga")  # softmax: scaled dot-product, n_kv_heads picks MHA/GQA/MQA; plga: ModelConfig.plga
 FFN_KINDS = ("swiglu", "gelu", "moe")  # moe: a mixture of SwiGLU experts, set by ModelConfig.moe
 NORM_KINDS = ("rmsnorm", "layernorm")
 POSITION_KINDS = ("rope", "learned", "sinusoidal")
+NORM_PLACEMENTS = ("pre", "post")  # normalise each branch's input (pre) or each residual sum (post)
+GRAM_KINDS = ("full", "causal")  # which queries PLGA's Gram sums: all of the sequence, or the prefix
 ROUTER_KINDS = ("softmax", "sigmoid")  # how a mixture-of-experts layer scores its experts
 BALANCE_KINDS = ("none", "aux_loss", "aux_free")  # how it keeps the experts evenly loaded
 
@@ -72,6 +74,31 @@ class MoEConfig:
 
 
 @dataclass
+class PLGAConfig:
+    """Power Law Graph Attention (layers/plga.py), PLDR-LLM's attention. The defaults are
+    the v500 reference's learner: 8 residual units of 2 SwiGLU blocks of width 170."""
+
+    a_dff: int = 170  # hidden width of the metric learner's SwiGLU blocks
+    n_units: int = 8  # residual units (num_reslayerA)
+    n_glu: int = 2  # SwiGLU blocks per unit (num_denseA)
+    a_dff_depth: int | None = None  # v900: the learner's width (112); None: head_dim, as v500
+    gram: str = "full"  # full: the reference's (sees the future); causal: prefix sums (ours)
+    dag_alm: float = 0.0  # weights of the DAG loss of A_LM, A_P and G_LM (0: not computed)
+    dag_ap: float = 0.0
+    dag_glm: float = 0.0
+
+    def __post_init__(self):
+        for name in ("a_dff", "n_units", "n_glu"):
+            _check_positive_int(f"plga.{name}", getattr(self, name))
+        if self.a_dff_depth is not None:
+            _check_positive_int("plga.a_dff_depth", self.a_dff_depth)
+        _check_kind("plga.gram", self.gram, GRAM_KINDS)
+        for name in ("dag_alm", "dag_ap", "dag_glm"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"plga.{name}={getattr(self, name)} must be ≥ 0 (0 switches that DAG term off)")
+
+
+@dataclass
 class ModelConfig:
     """Everything that determines a model's architecture. The defaults are the course's
     Llama-style CPU model: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
@@ -87,6 +114,7 @@ class ModelConfig:
     ffn_hidden: int | None = None  # None: the feed-forward kind's own rule (layers/ffn.py)
     norm: str = "rmsnorm"
     norm_eps: float = 1e-5
+    norm_placement: str = "pre"  # pre: x + f(norm(x)), the default; post: norm(x + f(x)), PLDR-LLM's
     positions: str = "rope"
     rope_base: float = 10000.0
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
@@ -94,12 +122,15 @@ class ModelConfig:
     bias: bool = False  # biases in the linear layers
     layers: list[LayerSpec] | None = None  # optional, one entry per layer
     moe: MoEConfig | None = None  # the settings of every "moe" feed-forward layer
+    plga: PLGAConfig | None = None  # the settings of every "plga" attention layer
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if isinstance(self.moe, dict):  # from JSON
             self.moe = _nested(MoEConfig, self.moe, "moe")
+        if isinstance(self.plga, dict):
+            self.plga = _nested(PLGAConfig, self.plga, "plga")
         if self.layers is not None:
             self.layers = [_layer_spec(entry, i) for i, entry in enumerate(self.layers)]
         self._validate()
@@ -148,6 +179,10 @@ class ModelConfig:
                     _check_kind(f"layers[{i}].attention", spec.attention, ATTENTION_KINDS)
                 if spec.ffn is not None:
                     _check_kind(f"layers[{i}].ffn", spec.ffn, FFN_KINDS)
+        _check_kind("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        if self.plga is None and any(self.layer(i).attention == "plga" for i in range(self.n_layers)):
+            raise ConfigError('an attention of kind "plga" needs its settings: pass plga={} (the v500 '
+                              "learner) or plga={'a_dff': 64, 'n_units': 2, ...}")
         if self.moe is None and any(self.layer(i).ffn == "moe" for i in range(self.n_layers)):
             raise ConfigError('an ffn of kind "moe" needs its settings: pass moe={} (the defaults) or '
                               "moe={'n_experts': 8, 'top_k': 2, ...}")
@@ -198,6 +233,22 @@ PRESETS = {
     # The default with every feed-forward a mixture of 8 SwiGLU experts of half the dense
     # width, 2 per token: as many active weights per token as the default, 4x the total.
     "moe": {"ffn": "moe", "moe": {"n_experts": 8, "top_k": 2, "expert_hidden": 176}},
+    # PLDR-LLM (Gokden, arXiv 2410.16703) as its reference's seed configs: PLGA in every
+    # layer, post-LN blocks, LayerNorm, a SwiGLU with biases of width floor(8·d/3), half-split
+    # RoPE, multi-head, an untied head. ≈110M and ≈118M weights at a 32k vocabulary.
+    "pldr-v500": {"block_size": 1024, "d_model": 896, "n_layers": 5, "n_heads": 14, "n_kv_heads": None,
+                  "attention": "plga", "ffn_hidden": 2389, "norm": "layernorm", "norm_eps": 1e-6,
+                  "norm_placement": "post", "tie_embeddings": False, "bias": True, "plga": {}},
+    "pldr-v900": {"block_size": 1024, "d_model": 1088, "n_layers": 3, "n_heads": 17, "n_kv_heads": None,
+                  "attention": "plga", "ffn_hidden": 2901, "norm": "layernorm", "norm_eps": 1e-6,
+                  "norm_placement": "post", "tie_embeddings": False, "bias": True,
+                  "plga": {"a_dff": 300, "a_dff_depth": 112}},
+    # The same architecture at the course default's size, for a CPU: 4 layers of width 128,
+    # 4 heads of 32, a learner of 2 units, the default's tied head and SwiGLU width; the DAG
+    # weights of the v500 "dagreg" recipe.
+    "pldr-tiny": {"n_kv_heads": None, "attention": "plga", "norm": "layernorm", "norm_eps": 1e-6,
+                  "norm_placement": "post", "bias": True,
+                  "plga": {"a_dff": 64, "n_units": 2, "dag_alm": 0.001, "dag_ap": 0.005, "dag_glm": 0.005}},
 }
 
 

@@ -16,13 +16,19 @@ import torch.nn.functional as F
 
 from lilllm import LilllmError
 from lilllm.config import ModelConfig
-from lilllm.layers.attention import ATTENTIONS, KVCache, LayerCache
+from lilllm.layers import attention
+from lilllm.layers.attention import KVCache, LayerCache
 from lilllm.layers.ffn import FFNS
 from lilllm.layers.moe import MoE
 from lilllm.layers.norm import NORMS
+from lilllm.layers.plga import PLGAttention
 from lilllm.layers.rope import rope_angles, sinusoidal_positions
 
 __all__ = ["GPT", "Block", "ModelConfig", "KVCache"]
+
+# The attention kinds a config can name: layers/attention.py's, and Power Law Graph
+# Attention, which builds on that module (its cache, SDPA) and so is listed here.
+ATTENTIONS = {**attention.ATTENTIONS, "plga": PLGAttention}
 
 INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix and embedding
 # The layers name their projection back into the residual stream like this; the model
@@ -38,12 +44,16 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         kinds = config.layer(index)
+        self.post_norm = config.norm_placement == "post"
         self.attn_norm = NORMS[config.norm](config.d_model, eps=config.norm_eps)
         self.attn = ATTENTIONS[kinds.attention](config)
         self.ffn_norm = NORMS[config.norm](config.d_model, eps=config.norm_eps)
         self.ffn = FFNS[kinds.ffn](config)
 
     def forward(self, x, cos=None, sin=None, cache: LayerCache | None = None):
+        if self.post_norm:  # the original Transformer's order, and PLDR-LLM's: normalise each sum
+            x = self.attn_norm(x + self.attn(x, cos, sin, cache))  # (B, T, C)
+            return self.ffn_norm(x + self.ffn(x))
         x = x + self.attn(self.attn_norm(x), cos, sin, cache)  # (B, T, C)
         return x + self.ffn(self.ffn_norm(x))  # (B, T, C)
 
@@ -85,8 +95,11 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def new_cache(self) -> KVCache:
-        """An empty KV cache for `forward(..., cache=...)`."""
-        return KVCache(self.config.n_layers)
+        """An empty KV cache for `forward(..., cache=...)`. An attention that keeps more
+        than keys and values (PLGA) makes its own layer cache with `new_cache()`."""
+        cache = KVCache(self.config.n_layers)
+        cache.layers = [getattr(block.attn, "new_cache", LayerCache)() for block in self.blocks]
+        return cache
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,12 +123,14 @@ class GPT(nn.Module):
             else:
                 x = x + self.pos_table[start:start + T]
         x = self.dropout(x)
+        if self.config.norm_placement == "post":  # post-norm blocks end normalised; normalise the input instead
+            x = self.norm(x)
         layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layer_caches):
             x = block(x, cos, sin, layer_cache)  # (B, T, C)
         if cache is not None:
             cache.position += T
-        logits = self.head(self.norm(x))  # (B, T, vocab_size)
+        logits = self.head(x if self.config.norm_placement == "post" else self.norm(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)

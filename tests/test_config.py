@@ -6,9 +6,9 @@ import pytest
 
 from lilllm import LilllmError
 from lilllm.config import ATTENTION_KINDS, FFN_KINDS, NORM_KINDS, ConfigError, LayerSpec, ModelConfig
-from lilllm.layers.attention import ATTENTIONS
 from lilllm.layers.ffn import FFNS
 from lilllm.layers.norm import NORMS
+from lilllm.model import ATTENTIONS  # softmax attention's kinds and PLGA's
 
 
 def test_the_default_preset_is_the_dataclass_defaults_and_llama_style():
@@ -52,7 +52,7 @@ def test_n_kv_heads_none_means_multi_head():
     ({"dropout": 1.0}, r"dropout is a probability in \[0, 1\)"),
     ({"layers": [{}, {}]}, "the per-layer list has length 2 but n_layers=4"),
     ({"n_layers": 1, "layers": [{"ffn": "relu"}]}, r"unknown layers\[0\].ffn kind 'relu'"),
-    ({"n_layers": 1, "layers": [{"attention": "plga"}]}, r"unknown layers\[0\].attention kind 'plga'"),
+    ({"n_layers": 1, "layers": [{"attention": "mamba"}]}, r"unknown layers\[0\].attention kind 'mamba'"),
     ({"n_layers": 1, "layers": [{"experts": 8}]}, r"layers\[0\] has unknown key\(s\) experts"),
     ({"n_layers": 1, "layers": ["gelu"]}, r"layers\[0\] must be a dict"),
 ])
