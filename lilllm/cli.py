@@ -76,6 +76,99 @@ def cmd_bench_pretrain(args) -> int:
     return 0
 
 
+def load_for_generation(path, device=None):
+    """A checkpoint's model (in eval mode), the tokenizer it was trained with, and the checkpoint."""
+    import json
+
+    from lilllm.env import pick_device
+    from lilllm.train import config_from_dict, load_data, load_model
+
+    model, state = load_model(path, pick_device(device))
+    tokenizer = load_data(config_from_dict(json.loads(state["train_config"]))).tokenizer
+    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
+        raise LilllmError(f"the tokenizer of checkpoint {path} has changed since training (fingerprint "
+                          f"{tokenizer.fingerprint}, not {state['tokenizer_fingerprint']}): its ids would mean other text")
+    return model, tokenizer, state
+
+
+def _sampling_options(args) -> dict:
+    """The sampling settings of `sample` and `chat`, checked before the checkpoint loads."""
+    from lilllm.sampling import check_sampling
+
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+
+
+def cmd_sample(args) -> int:
+    from lilllm.sampling import encode_prompt, generate, stop_ids_of, stream
+
+    options = _sampling_options(args)
+    model, tokenizer, _ = load_for_generation(args.checkpoint, args.device)
+    prompt = encode_prompt(tokenizer, args.prompt)
+    options["stop_ids"] = stop_ids_of(tokenizer)
+    if args.stream:
+        for piece in stream(model, tokenizer, prompt, args.max_new_tokens, **options):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(tokenizer.decode(generate(model, prompt, args.max_new_tokens, **options)))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from lilllm.sampling import chat_template, stop_ids_of, stream
+
+    options = _sampling_options(args)
+    model, tokenizer, state = load_for_generation(args.checkpoint, args.device)
+    template = chat_template(args.template or state.get("chat_template", "plain"))
+    options["stop_ids"] = stop_ids_of(tokenizer)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("type a message and press Enter; Ctrl-D ends the chat")
+    messages = []
+    while True:
+        if interactive:
+            print("you: ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            pieces = stream(model, tokenizer, template(tokenizer, messages), args.max_new_tokens, **options)
+        except LilllmError as err:  # e.g. a character the tokenizer lacks: say so, keep chatting
+            print(f"error: {err}", file=sys.stderr)
+            messages.pop()
+            continue
+        print("assistant: ", end="", flush=True)
+        reply = ""
+        for piece in pieces:
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_bench_generate(args) -> int:
+    import json
+
+    from lilllm.env import pick_device
+    from lilllm.sampling import bench_generate
+
+    result = bench_generate(args.lengths, args.prompt_len, device=pick_device(args.device), repeats=args.repeats)
+    line = result["line"]
+    print(f"the default model (context {line['block_size']} tokens), greedy, after a {line['prompt_len']}-token prompt:")
+    print(f"{'new tokens':>10} {'cached tok/s':>13} {'uncached tok/s':>15} {'speed-up':>9}")
+    for row in result["rows"]:
+        print(f"{row['new_tokens']:>10,} {row['cached_tokens_s']:>13,.0f} {row['uncached_tokens_s']:>15,.0f} "
+              f"{row['speedup']:>8.1f}x")
+    print(f"KV cache (fp32): {result['cache_bytes_per_token']:,} bytes per token, "
+          f"{line['cache_bytes_full'] / 2**10:,.0f} KiB for a full context")
+    print(json.dumps(line))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lilllm", description="Build, train, fine-tune and sample a small language model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -103,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_pretrain.add_argument("--steps", type=int, help="shorten the nanoGPT run to this many steps (a quick check)")
     bench_pretrain.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     bench_pretrain.set_defaults(run=cmd_bench_pretrain)
+    bench_generate = bench.add_parser("generate", help="tokens/s of generation with and without the KV cache")
+    bench_generate.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512, 1024], metavar="N",
+                                help="numbers of new tokens to time (default: 64 256 512 1024)")
+    bench_generate.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: 16)")
+    bench_generate.add_argument("--repeats", type=int, default=2, help="time each run this many times, keep the best (default: 2)")
+    bench_generate.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    bench_generate.set_defaults(run=cmd_bench_generate)
 
     train = commands.add_parser("train", help="pretrain a model (a preset, changed with --key=value settings)",
                                 epilog="settings: any TrainConfig field as --key=value (--lr=3e-4, --steps=500), "
@@ -117,6 +217,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", help="a .pt file written by `lilllm train` (e.g. runs/tiny/best.pt)")
     evaluate.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     evaluate.set_defaults(run=cmd_eval)
+
+    def add_sampling_options(command):
+        command.add_argument("checkpoint", help="a .pt file written by `lilllm train` (e.g. runs/tiny/best.pt)")
+        command.add_argument("--max-new-tokens", type=int, default=200, help="the most tokens to generate (default: 200)")
+        command.add_argument("--temperature", type=float, default=1.0, help="0: greedy; <1 sharper, >1 flatter (default: 1)")
+        command.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0: off (default)")
+        command.add_argument("--top-p", type=float, default=1.0, help="keep the nucleus of mass p; 1: off (default)")
+        command.add_argument("--seed", type=int, help="make the sampling reproducible")
+        command.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+
+    sample = commands.add_parser("sample", help="continue a prompt with a trained model")
+    add_sampling_options(sample)
+    sample.add_argument("--prompt", required=True, help="the text to continue")
+    sample.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    sample.set_defaults(run=cmd_sample)
+
+    chat = commands.add_parser("chat", help="talk with a model, one line per message (stdin may be piped)")
+    add_sampling_options(chat)
+    chat.add_argument("--template", help="chat template by name (default: the checkpoint's, else plain)")
+    chat.set_defaults(run=cmd_chat)
     return parser
 
 

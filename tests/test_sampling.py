@@ -1,0 +1,350 @@
+"""Sampling and generation: each logits filter on hand-made logits (the exact kept set),
+their order, greedy decoding, seeded reproducibility, cached == uncached generation for
+every attention kind and position kind, the rolling window past the context, stop tokens,
+streaming, every bad input, the benchmark, and the sample/chat/bench commands."""
+
+import io
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from lilllm import LilllmError
+from lilllm.cli import main as cli_main
+from lilllm.config import ModelConfig
+from lilllm.data import load_text, prepare
+from lilllm.model import GPT
+from lilllm.sampling import (apply_temperature, bench_generate, cache_bytes, chat_template, check_prompt,
+                             decode_stream, encode_prompt, generate, generate_tokens, plain_chat_prompt,
+                             process_logits, sample_next, stop_ids_of, stream, top_k_filter, top_p_filter)
+from lilllm.tokenizer import BPETokenizer, CharTokenizer
+from lilllm.train import BEST, make_config, train
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+LOGITS = PROBS.log()
+
+
+def kept(logits: torch.Tensor) -> set[int]:
+    return set(torch.isfinite(logits).nonzero().flatten().tolist())
+
+
+def small_model(seed=0, block_size=16, vocab_size=40, n_layers=2, **overrides) -> GPT:
+    """A random model whose weights are large enough that its greedy choices vary."""
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, block_size=block_size, d_model=32, n_layers=n_layers, n_heads=4,
+                         **overrides)
+    model = GPT(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.3)
+    return model.eval()
+
+
+# --- the filters, one at a time ------------------------------------------------------------
+
+def test_temperature_divides_and_works_in_fp32():
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    assert torch.equal(apply_temperature(logits, 2.0), torch.tensor([1.0, 0.5, 0.0]))
+    tiny = apply_temperature(torch.tensor([3.0, 1.0], dtype=torch.float16), 1e-4)
+    assert tiny.dtype == torch.float32 and torch.isfinite(tiny).all()  # in fp16 it would be inf
+
+
+def test_temperature_sharpens_below_one_and_flattens_above():
+    entropy = lambda t: -(process_logits(LOGITS, temperature=t).softmax(-1) * process_logits(
+        LOGITS, temperature=t).log_softmax(-1)).sum()
+    assert entropy(0.5) < entropy(1.0) < entropy(2.0)
+    assert torch.allclose(process_logits(LOGITS, temperature=1.0).softmax(-1), PROBS)
+
+
+def test_top_k_keeps_the_k_highest():
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    assert kept(top_k_filter(logits, 2)) == {1, 2}
+    assert kept(top_k_filter(logits, 1)) == {1}
+    assert kept(top_k_filter(logits, 10)) == {0, 1, 2, 3}  # k ≥ V: nothing removed
+    assert kept(top_k_filter(torch.tensor([1.0, 3.0, 3.0, 0.0]), 1)) == {1, 2}  # ties with the k-th stay
+    rows = torch.tensor([[1.0, 3.0, 2.0, 0.0], [4.0, 0.0, 1.0, 2.0]])
+    assert torch.isfinite(top_k_filter(rows, 2)).tolist() == [[False, True, True, False], [True, False, False, True]]
+
+
+@pytest.mark.parametrize("p, expected", [(0.4, {0}), (0.75, {0, 1}), (0.85, {0, 1, 2}), (0.99, {0, 1, 2, 3}),
+                                         (1e-9, {0})])
+def test_top_p_keeps_the_token_that_crosses_p(p, expected):
+    """Probabilities 0.5, 0.3, 0.15, 0.05: the nucleus is the shortest prefix whose mass reaches p."""
+    assert kept(top_p_filter(LOGITS, p)) == expected
+    shuffled = torch.tensor([2, 0, 3, 1])  # the same logits in another order: the same tokens kept
+    assert kept(top_p_filter(LOGITS[shuffled], p)) == {int((shuffled == i).nonzero()) for i in expected}
+
+
+def test_top_p_keeps_ties_with_the_cutoff():
+    assert kept(top_p_filter(torch.tensor([1.0, 1.0, 0.0]), 0.3)) == {0, 1}
+
+
+def test_neutral_settings_change_nothing():
+    assert torch.equal(process_logits(LOGITS, temperature=1.0, top_k=0, top_p=1.0), LOGITS)
+
+
+def test_order_is_temperature_then_top_k_then_top_p():
+    # Temperature 2 flattens 0.5/0.3/0.15/0.05 to 0.38/0.29/0.21/0.12: three tokens reach 0.75.
+    assert kept(process_logits(LOGITS, temperature=2.0, top_p=0.75)) == {0, 1, 2}
+    assert kept(apply_temperature(top_p_filter(LOGITS, 0.75), 2.0)) == {0, 1}  # top-p first: two
+    # Top-k 3 renormalises to 0.53/0.32/0.16: two tokens reach 0.82; on the full distribution, three.
+    assert kept(process_logits(LOGITS, top_k=3, top_p=0.82)) == {0, 1}
+    assert kept(top_k_filter(top_p_filter(LOGITS, 0.82), 3)) == {0, 1, 2}
+
+
+def test_greedy_is_argmax_and_draws_no_random_numbers():
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    state = generator.get_state()
+    for options in ({"temperature": 0.0}, {"top_k": 1}, {"temperature": 0.0, "top_p": 0.5}):
+        assert torch.equal(sample_next(logits, generator=generator, **options), logits.argmax(-1))
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_samples_come_only_from_the_kept_set_in_proportion():
+    logits = LOGITS.expand(4000, 4)  # 4,000 independent draws at once
+    draws = sample_next(logits, top_p=0.75, generator=torch.Generator().manual_seed(0))
+    assert set(draws.tolist()) == {0, 1}
+    share = (draws == 0).float().mean().item()
+    assert abs(share - 0.5 / 0.8) < 0.03  # renormalised over the kept set: 0.625
+
+
+# --- generation -------------------------------------------------------------------------
+
+KINDS = {
+    "mha": {"n_kv_heads": 4}, "gqa": {"n_kv_heads": 2}, "mqa": {"n_kv_heads": 1},
+    "learned": {"n_kv_heads": 2, "positions": "learned", "norm": "layernorm", "ffn": "gelu"},
+    "sinusoidal": {"n_kv_heads": 4, "positions": "sinusoidal"},
+}
+SETTINGS = {"greedy": {"temperature": 0.0}, "seeded": {"temperature": 0.9, "top_k": 20, "top_p": 0.95, "seed": 7}}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_equals_uncached_within_the_context(kind, setting):
+    model = small_model(**KINDS[kind])
+    prompt = [3, 1, 4, 1, 5]
+    cached = generate(model, prompt, 11, **SETTINGS[setting])  # 5 + 11 = block_size 16
+    assert len(cached) == 11 and len(set(cached)) > 2
+    assert cached == generate(model, prompt, 11, use_cache=False, **SETTINGS[setting])
+
+
+@pytest.mark.parametrize("kind", ["learned", "sinusoidal"])
+def test_absolute_positions_past_the_context_recompute_the_window(kind):
+    """Learned positions end at block_size: past it each step recomputes the last block_size
+    tokens, exactly what the uncached path does."""
+    model = small_model(**KINDS[kind])
+    for setting in SETTINGS.values():
+        cached = generate(model, [2, 7], 50, **setting)
+        assert len(cached) == 50 and cached == generate(model, [2, 7], 50, use_cache=False, **setting)
+
+
+def test_rope_rolling_window_equals_recomputing_with_one_layer():
+    """With one layer, cached keys depend only on their token and position, and RoPE scores only
+    on distances: the rolling window then sees exactly what recomputing the last block_size
+    tokens sees (with more layers the cached keys remember an older context)."""
+    model = small_model(n_layers=1, n_kv_heads=2)
+    for setting in SETTINGS.values():
+        cached = generate(model, [5, 9, 2], 60, **setting)
+        assert cached == generate(model, [5, 9, 2], 60, use_cache=False, **setting)
+
+
+def test_rope_rolling_window_keeps_the_cache_within_the_context_and_positions_absolute(monkeypatch):
+    model = small_model(n_kv_heads=2)
+    calls = []
+    forward = model.forward
+
+    def spy(ids, targets=None, cache=None):
+        calls.append((ids.size(1), len(cache), cache.position))
+        return forward(ids, targets, cache)
+
+    monkeypatch.setattr(model, "forward", spy)
+    prompt = list(range(20))  # longer than the context: the prefill keeps its last 16 tokens
+    out = generate(model, prompt, 40, temperature=0)
+    assert len(out) == 40
+    assert calls[0] == (16, 0, 0)  # one prefill of block_size tokens
+    for step, (n_new, cached, position) in enumerate(calls[1:], start=1):
+        assert (n_new, cached, position) == (1, 15, 15 + step)  # one token, a full window, its true position
+
+
+def test_stop_tokens_end_generation_and_are_not_returned():
+    model = small_model()
+    full = generate(model, [1, 2, 3], 12, temperature=0)
+    first_new = next(i for i, token in enumerate(full) if token not in full[:i] and i >= 2)
+    assert generate(model, [1, 2, 3], 12, temperature=0, stop_ids=[full[first_new]]) == full[:first_new]
+    assert generate(model, [1, 2, 3], 0, temperature=0) == []
+
+
+def test_seeded_sampling_is_reproducible():
+    model = small_model()
+    first = generate(model, [1], 15, seed=3)
+    assert first == generate(model, [1], 15, seed=3)
+    assert first != generate(model, [1], 15, seed=4)
+
+
+# --- streaming ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE with few merges: 'é' and '日' are split over several byte tokens."""
+    return BPETokenizer.train("the cat sat on the mat, the hat " * 20, vocab_size=256 + 8 + 10)
+
+
+def test_decode_stream_never_splits_a_character(bpe):
+    text = "thé 日本 cat"
+    ids = bpe.encode(text)
+    assert len(ids) > len(text.encode()) - 12  # most characters are bytes here, several per character
+    pieces = list(decode_stream(bpe, ids))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "日" in pieces or any(piece.startswith("日") for piece in pieces)
+
+
+def test_decode_stream_ends_an_unfinished_character_like_decode(bpe):
+    ids = bpe.encode("a日")[:-1]  # the last byte of 日 missing
+    assert "".join(decode_stream(bpe, ids)) == bpe.decode(ids) == "a\ufffd"
+
+
+def test_stream_reassembles_to_the_generated_text(bpe):
+    model = small_model(vocab_size=bpe.vocab_size)
+    prompt = bpe.encode("the cat")
+    text = "".join(stream(model, bpe, prompt, 40, seed=1))
+    assert text == bpe.decode(generate(model, prompt, 40, seed=1)) and text
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options, match", [
+    ({"temperature": -0.5}, "temperature=-0.5 is negative"),
+    ({"temperature": float("nan")}, "temperature=nan"),
+    ({"top_p": 0.0}, r"top_p=0.0 must lie in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p=1.5 must lie in \(0, 1\]"),
+    ({"top_p": -0.1}, r"top_p=-0.1 must lie in \(0, 1\]"),
+    ({"top_k": -1}, "top_k=-1 must be a whole number ≥ 0"),
+    ({"top_k": 2.5}, "top_k=2.5 must be a whole number"),
+])
+def test_bad_sampling_settings_are_refused_before_generating(options, match):
+    model = small_model()
+    with pytest.raises(LilllmError, match=match):
+        generate_tokens(model, [1, 2], 5, **options)  # raised by the call, before any step
+
+
+def test_bad_prompts_and_lengths_are_refused():
+    model = small_model()
+    with pytest.raises(LilllmError, match="the prompt is empty"):
+        generate_tokens(model, [], 5)
+    with pytest.raises(LilllmError, match="prompt token id 40 is outside the model's vocabulary"):
+        generate_tokens(model, [1, 40], 5)
+    with pytest.raises(LilllmError, match="max_new_tokens=-1"):
+        generate_tokens(model, [1], -1)
+    with pytest.raises(LilllmError, match="the prompt is empty"):
+        encode_prompt(CharTokenizer("abc"), "")
+    with pytest.raises(LilllmError, match="character '€' is not in this character tokenizer's vocabulary"):
+        encode_prompt(CharTokenizer("abc"), "a€")
+    with pytest.raises(LilllmError, match="unknown chat template 'fancy'"):
+        chat_template("fancy")
+    assert check_prompt(torch.tensor([1, 2]), 40) == [1, 2]
+
+
+def test_plain_chat_prompt_and_stop_ids():
+    tokenizer = CharTokenizer("abc\n")
+    messages = [{"role": "user", "content": "ab\n"}, {"role": "assistant", "content": "ca\n"}]
+    assert chat_template("plain") is plain_chat_prompt
+    assert tokenizer.decode(plain_chat_prompt(tokenizer, messages)) == "ab\nca\n"
+    assert stop_ids_of(tokenizer) == [tokenizer.special_ids["<|endoftext|>"], tokenizer.special_ids["<|end|>"]]
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+def test_cache_bytes_matches_the_cache():
+    model = small_model(n_kv_heads=2)
+    cache = model.new_cache()
+    model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert cache_bytes(model.config, 9) == held
+
+
+def test_bench_generate_reports_both_paths():
+    config = ModelConfig(vocab_size=64, block_size=32, d_model=32, n_layers=1, n_heads=2)
+    result = bench_generate(lengths=(4, 8, 40), prompt_len=4, config=config)
+    assert [row["new_tokens"] for row in result["rows"]] == [4, 8, 40]
+    assert [row["same_tokens"] for row in result["rows"]] == [True, True, None]
+    assert all(row["cached_tokens_s"] > 0 and row["uncached_tokens_s"] > 0 for row in result["rows"])
+    assert result["line"]["speedup_512"] is None and result["line"]["cache_bytes_full"] == cache_bytes(config, 32)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+SMALL = ["--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--model.n_kv_heads=1",
+         "--model.block_size=16", "--batch_size=4", "--warmup=2", "--eval_interval=0"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A character-level model trained for a few steps on the first 20,000 characters."""
+    folder = tmp_path_factory.mktemp("sampling")
+    (folder / "small.txt").write_text(load_text()[:20_000])
+    prepare("char", None, [folder / "small.txt"], folder / "data")
+    train(make_config("tiny", [f"--data_dir={folder / 'data'}", f"--out_dir={folder / 'run'}", "--steps=3", *SMALL]),
+          progress=False)
+    return folder / "run" / BEST
+
+
+def test_cli_sample_prints_the_seeded_continuation(checkpoint, capsys):
+    args = ["sample", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "30", "--seed", "5",
+            "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9"]
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert cli_main(args + ["--stream"]) == 0
+    assert capsys.readouterr().out == printed
+    from lilllm.cli import load_for_generation
+
+    model, tokenizer, _ = load_for_generation(checkpoint, "cpu")
+    expected = tokenizer.decode(generate(model, tokenizer.encode("ROMEO:"), 30, temperature=0.8, top_k=20,
+                                         top_p=0.9, seed=5, stop_ids=stop_ids_of(tokenizer)))
+    assert printed == expected + "\n"
+
+
+def test_cli_chat_reads_piped_turns(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Good morrow.\nWhat news?\n"))
+    capsys.readouterr()
+    assert cli_main(["chat", str(checkpoint), "--max-new-tokens", "12", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    replies = [line for line in out.splitlines() if line.startswith("assistant: ")]
+    assert len(replies) == 2
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--temperature", "-1"], "temperature=-1.0 is negative"),
+    (["--top-p", "0"], r"top_p=0.0 must lie in \(0, 1\]"),
+    (["--top-k", "-3"], "top_k=-3 must be a whole number"),
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "日本"], "character '日' is not in this character tokenizer's vocabulary"),
+])
+def test_cli_sample_errors_are_one_line(checkpoint, capsys, args, match):
+    capsys.readouterr()
+    assert cli_main(["sample", str(checkpoint), "--prompt", "A", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert re.search(match, captured.err)
+
+
+def test_cli_missing_checkpoint(tmp_path, capsys):
+    for command in (["sample", str(tmp_path / "absent.pt"), "--prompt", "A"], ["chat", str(tmp_path / "absent.pt")]):
+        assert cli_main(command) == 2
+        assert "is missing" in capsys.readouterr().err
+
+
+def test_cli_bench_generate_ends_with_a_json_line(capsys, monkeypatch):
+    import lilllm.sampling as sampling
+
+    small = ModelConfig(vocab_size=64, block_size=16, d_model=32, n_layers=1, n_heads=2)
+    monkeypatch.setattr(sampling.ModelConfig, "preset", classmethod(lambda cls, name, **kw: small))
+    assert cli_main(["bench", "generate", "--lengths", "4", "8"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["speedup_512"] is None and set(line["tokens_s_cached"]) == {"4", "8"}
+    assert all(math.isfinite(v) and v > 0 for v in line["speedup"].values())
