@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from lilllm import LilllmError
 
-# The kinds each setting may name. The layer modules hold a dict from these names to
-# classes (ATTENTIONS, FFNS, NORMS); a test checks that both lists agree.
+# The kinds each setting may name. Dicts from these names to classes build the layers
+# (ATTENTIONS and FFNS in model.py, NORMS in layers/norm.py); a test checks that they agree.
 ATTENTION_KINDS = ("softmax", "plga")  # softmax: scaled dot-product, n_kv_heads picks MHA/GQA/MQA; plga: ModelConfig.plga
 FFN_KINDS = ("swiglu", "gelu", "moe")  # moe: a mixture of SwiGLU experts, set by ModelConfig.moe
 NORM_KINDS = ("rmsnorm", "layernorm")

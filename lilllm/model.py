@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 from lilllm import LilllmError
 from lilllm.config import ModelConfig
-from lilllm.layers import attention
-from lilllm.layers.attention import KVCache, LayerCache
-from lilllm.layers.ffn import FFNS
+from lilllm.layers.attention import CausalSelfAttention, KVCache, LayerCache
+from lilllm.layers.ffn import GeluMLP, SwiGLU
 from lilllm.layers.moe import MoE
 from lilllm.layers.norm import NORMS
 from lilllm.layers.plga import PLGAttention
@@ -26,9 +25,10 @@ from lilllm.layers.rope import rope_angles, sinusoidal_positions
 
 __all__ = ["GPT", "Block", "ModelConfig", "KVCache"]
 
-# The attention kinds a config can name: layers/attention.py's, and Power Law Graph
-# Attention, which builds on that module (its cache, SDPA) and so is listed here.
-ATTENTIONS = {**attention.ATTENTIONS, "plga": PLGAttention}
+# The kinds a config can name (config.py lists the names; a test keeps both in step):
+# each block builds ATTENTIONS[kind](config) and FFNS[kind](config).
+ATTENTIONS = {"softmax": CausalSelfAttention, "plga": PLGAttention}
+FFNS = {"swiglu": SwiGLU, "gelu": GeluMLP, "moe": MoE}
 
 INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix and embedding
 # The layers name their projection back into the residual stream like this; the model

@@ -6,9 +6,12 @@ import pytest
 
 from lilllm import LilllmError
 from lilllm.config import ATTENTION_KINDS, FFN_KINDS, NORM_KINDS, ConfigError, LayerSpec, ModelConfig
-from lilllm.layers.ffn import FFNS
+from lilllm.layers.attention import CausalSelfAttention
+from lilllm.layers.ffn import GeluMLP, SwiGLU
+from lilllm.layers.moe import MoE
 from lilllm.layers.norm import NORMS
-from lilllm.model import ATTENTIONS  # softmax attention's kinds and PLGA's
+from lilllm.layers.plga import PLGAttention
+from lilllm.model import ATTENTIONS, FFNS
 
 
 def test_the_default_preset_is_the_dataclass_defaults_and_llama_style():
@@ -112,3 +115,5 @@ def test_the_kind_lists_match_the_layer_dicts():
     assert set(ATTENTION_KINDS) == set(ATTENTIONS)
     assert set(FFN_KINDS) == set(FFNS)
     assert set(NORM_KINDS) == set(NORMS)
+    assert FFNS == {"swiglu": SwiGLU, "gelu": GeluMLP, "moe": MoE}
+    assert ATTENTIONS == {"softmax": CausalSelfAttention, "plga": PLGAttention}

@@ -136,6 +136,3 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C): heads side by side
         return self.resid_dropout(self.out_proj(y))
 
-
-# The config names an attention by one of these keys: ATTENTIONS[kind](config).
-ATTENTIONS = {"softmax": CausalSelfAttention}

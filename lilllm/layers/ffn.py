@@ -6,7 +6,8 @@
   matrices instead of two, so its hidden width is 2/3 of 4·d to keep the parameter count
   about the same.
 
-Both read the config the same way, so the model builds either with `FFNS[kind](config)`.
+Both read the config the same way, so the model builds either with `FFNS[kind](config)`
+(model.py).
 The last projection of each is named `down`: it writes into the residual stream, and the
 model gives it a smaller initialisation (see model.py).
 """
@@ -18,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lilllm.config import ModelConfig
-from lilllm.layers.moe import MoE
 
 SWIGLU_MULTIPLE = 32  # round SwiGLU's hidden width up to a multiple of this (friendlier matmul shapes)
 
@@ -59,6 +59,3 @@ class SwiGLU(nn.Module):
         # (B, T, C) → two (B, T, H) projections; the gate decides, per hidden unit, how much passes
         return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))  # (B, T, C)
 
-
-# The config names a feed-forward network by one of these keys: FFNS[kind](config).
-FFNS = {"swiglu": SwiGLU, "gelu": GeluMLP, "moe": MoE}

@@ -37,14 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lilllm.config import ModelConfig
+from lilllm.layers.ffn import SwiGLU, swiglu_hidden
 
 
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        # Here, not at the top: ffn.py imports this module to list "moe" among its kinds.
-        from lilllm.layers.ffn import SwiGLU, swiglu_hidden
-
         self.config = moe = config.moe
         hidden = moe.expert_hidden or swiglu_hidden(config.d_model)
         expert_config = dataclasses.replace(config, ffn="swiglu", ffn_hidden=hidden, layers=None)
