@@ -150,6 +150,21 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def cmd_sft(args) -> int:
+    from lilllm.sft import chat_dataset, finetune
+    from lilllm.train import pretrained_checkpoint
+
+    init = args.init or pretrained_checkpoint()
+    train_file, val_file = args.data, args.val
+    if train_file is None:  # the course's chat dataset, built on first use
+        files = chat_dataset()
+        train_file, val_file = files["train"], val_file or files["val"]
+    result = finetune(init, train_file, val_file, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      loss_on=args.loss_on, out_dir=args.out, device=args.device)
+    print(f"wrote {result.checkpoint}; talk to it with: lilllm chat {result.checkpoint} --temperature 0")
+    return 0
+
+
 def cmd_bench_generate(args) -> int:
     import json
 
@@ -232,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", required=True, help="the text to continue")
     sample.add_argument("--stream", action="store_true", help="print the text as it is generated")
     sample.set_defaults(run=cmd_sample)
+
+    sft = commands.add_parser("sft", help="fine-tune a checkpoint on conversations, with the loss on the assistant's tokens")
+    sft.add_argument("--init", metavar="CKPT", help="the checkpoint to start from (default: the pretrained tiny model, "
+                                                    "trained once and cached)")
+    sft.add_argument("--data", metavar="FILE.jsonl", help='train conversations, one {"messages": [...]} per line '
+                                                          '(default: "who speaks next?" from tiny-shakespeare, built once)')
+    sft.add_argument("--val", metavar="FILE.jsonl", help="val conversations for the val loss (default: the built set's, "
+                                                         "without --data; else none)")
+    sft.add_argument("--steps", type=int, default=400, help="(default: 400)")
+    sft.add_argument("--batch-size", type=int, default=16, help="conversations per step (default: 16)")
+    sft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    sft.add_argument("--loss-on", choices=("assistant", "all"), default="assistant",
+                     help="assistant: the SFT loss (default); all: every token (an ablation)")
+    sft.add_argument("--out", default="runs/sft", help="output folder, overwritten (default: runs/sft)")
+    sft.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    sft.set_defaults(run=cmd_sft)
 
     chat = commands.add_parser("chat", help="talk with a model, one line per message (stdin may be piped)")
     add_sampling_options(chat)

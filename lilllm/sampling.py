@@ -204,7 +204,15 @@ def plain_chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer.encode("".join(message["content"] for message in messages))
 
 
-CHAT_TEMPLATES: dict[str, Callable] = {"plain": plain_chat_prompt}
+def lilllm_chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """The template `lilllm sft` trains with: <|endoftext|>, then <|role|> text <|end|> per
+    message, then <|assistant|> for the reply (defined in lilllm.sft, beside its loss mask)."""
+    from lilllm.sft import chat_prompt  # imported when used: lilllm.sft generates through this module
+
+    return chat_prompt(tokenizer, messages)
+
+
+CHAT_TEMPLATES: dict[str, Callable] = {"plain": plain_chat_prompt, "lilllm": lilllm_chat_prompt}
 
 
 def chat_template(name: str) -> Callable:

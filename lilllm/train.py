@@ -324,9 +324,11 @@ def evaluate(model: torch.nn.Module, tokens, n_bytes: int, block_size: int, batc
 # with torch.load(weights_only=True): loading one can never run code.
 
 def save_checkpoint(path, *, model, optimizer, config: TrainConfig, fingerprint: str, step: int,
-                    best_val_bpb: float | None, generator: torch.Generator, clock: dict) -> Path:
+                    best_val_bpb: float | None, generator: torch.Generator, clock: dict,
+                    extra: dict | None = None) -> Path:
     """Write everything a resumed run needs to a temporary file, then rename it over `path`:
-    a crash while writing leaves the previous checkpoint whole."""
+    a crash while writing leaves the previous checkpoint whole. `extra`: more plain entries
+    (a fine-tuned model's chat template)."""
     path = Path(path)
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -343,6 +345,7 @@ def save_checkpoint(path, *, model, optimizer, config: TrainConfig, fingerprint:
             "batches": generator.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
+        **(extra or {}),
     }
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

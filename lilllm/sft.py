@@ -1,0 +1,334 @@
+"""Supervised fine-tuning (SFT): teach a pretrained model to answer in a chat format.
+
+    from lilllm.sft import chat_dataset, finetune
+    from lilllm.train import pretrained_checkpoint
+    files = chat_dataset()
+    result = finetune(pretrained_checkpoint(), files["train"], files["val"], steps=200)
+
+1. The chat template: every message is its role's special token, its text, then <|end|>;
+   the conversation starts with <|endoftext|>. The special tokens are never produced by the
+   BPE merges, and message texts are encoded with specials off, so a message can never forge
+   a role marker.
+2. The loss mask is built while rendering, not searched for afterwards: the renderer knows
+   which message each token came from. It is 1 on the assistant's text and its <|end|> (the
+   model must learn what to say and when to stop), 0 on everything else.
+3. Targets are the ids shifted left by one, with unsupervised positions set to -100, the
+   ignore index of the model's cross-entropy: the loss is the mean over supervised tokens.
+   A conversation longer than the context (block_size + 1 tokens) is rejected with an error,
+   never truncated: a cut could drop the very answer the example is for.
+4. The data: a chat dataset built from tiny-shakespeare, "who speaks next?" over a short
+   excerpt of a scene. The answer is usually a name in the excerpt (75% of val answers), a
+   skill that carries over to the val split's other plays, whose speakers are mostly new.
+   Train conversations come from the train split only, val conversations from the val split
+   only. JSONL files under data/sft/, read with `datasets`.
+5. Fine-tuning from a pretrained checkpoint with the trainer's optimizer, schedule, clipping
+   and checkpoint format; the checkpoint names its chat template, so `lilllm chat` uses it.
+6. Evaluation: exact-match accuracy of greedy answers, generated with `lilllm.sampling`.
+"""
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lilllm import LilllmError
+from lilllm.data import DATA_DIR, _datasets, load_text, train_val_split
+from lilllm.env import pick_device
+from lilllm.model import GPT
+from lilllm.tokenizer import Tokenizer
+from lilllm.train import (LAST, METRICS, clip_gradients, config_from_dict, learning_rate, load_data, load_model,
+                          make_optimizer, out_path, save_checkpoint)
+
+# --- the chat template -----------------------------------------------------------------
+
+TEMPLATE_NAME = "lilllm"  # the name under which `lilllm.sampling.chat_template` finds it
+BEGIN, END = "<|endoftext|>", "<|end|>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+IGNORE_INDEX = -100  # the model's cross-entropy skips targets equal to this
+
+
+def check_conversation(messages, need_assistant: bool = True) -> None:
+    """Raise a LilllmError unless `messages` is a list of {"role", "content"} messages with
+    known roles, a system message only first, and (for training) an assistant message."""
+    if not isinstance(messages, list) or not messages:
+        raise LilllmError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise LilllmError(f"message {i} is not a {{'role': ..., 'content': <text>}} dict: {message!r}")
+        role = message.get("role")
+        if role not in ROLE_TOKENS:
+            raise LilllmError(f"message {i} has unknown role {role!r}: use one of {', '.join(ROLE_TOKENS)}")
+        if role == "system" and i > 0:
+            raise LilllmError(f"message {i} is a system message: a system message may only come first")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise LilllmError("the conversation has no assistant message: there is nothing to learn from it")
+
+
+def render_conversation(tokenizer: Tokenizer, messages, need_assistant: bool = True) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a conversation: <|endoftext|>, then <|role|> text <|end|> per message.
+    mask[t] = 1 iff token t is assistant text or the assistant's <|end|>."""
+    check_conversation(messages, need_assistant)
+    special = tokenizer.special_ids
+    ids, mask = [special[BEGIN]], [0]
+    for message in messages:
+        text = tokenizer.encode(message["content"])  # specials off: the text cannot forge a role marker
+        supervised = int(message["role"] == "assistant")
+        ids += [special[ROLE_TOKENS[message["role"]]], *text, special[END]]
+        mask += [0] + [supervised] * (len(text) + 1)  # the role marker is given, never learned
+    return ids, mask
+
+
+def chat_prompt(tokenizer: Tokenizer, messages) -> list[int]:
+    """The ids a model continues with the assistant's next reply: the conversation so far,
+    then <|assistant|>. The reply ends at <|end|> (`lilllm.sampling.stop_ids_of`)."""
+    ids, _ = render_conversation(tokenizer, messages, need_assistant=False)
+    return ids + [tokenizer.special_ids[ROLE_TOKENS["assistant"]]]
+
+
+def training_pair(ids: list[int], mask: list[int], block_size: int, loss_on: str = "assistant"):
+    """(inputs, targets) of one rendered conversation: inputs = ids[:-1], targets = ids[1:]
+    with the targets the mask leaves out set to -100 (loss_on="all" keeps every target: the
+    ablation). A conversation that does not fit the context is an error, not a truncation."""
+    if len(ids) > block_size + 1:
+        raise LilllmError(f"a conversation of {len(ids)} tokens does not fit the model's context of {block_size} "
+                          f"(+1 for the last target): shorten it, or drop it from the data")
+    if loss_on not in ("assistant", "all"):
+        raise LilllmError(f"loss_on={loss_on!r}: use assistant (the SFT loss) or all (every token, the ablation)")
+    targets = [t if (m or loss_on == "all") else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]  # mask shifts with ids
+    return ids[:-1], targets
+
+
+def collate(pairs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch (B, T) from (inputs, targets) pairs of different lengths, padded on the right
+    to the longest: inputs with `pad_id`, targets with -100, so padding is never scored."""
+    T = max(len(x) for x, _ in pairs)
+    x = torch.full((len(pairs), T), pad_id, dtype=torch.long)  # (B, T)
+    y = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for row, (inputs, targets) in enumerate(pairs):
+        x[row, :len(inputs)] = torch.tensor(inputs)
+        y[row, :len(targets)] = torch.tensor(targets)
+    return x, y
+
+
+# --- the chat dataset: "who speaks next?" ------------------------------------------------
+
+SFT_DIR = DATA_DIR / "sft" / "next-speaker"
+QUESTION = "Who speaks next?"
+CONTEXT_TURNS = 4  # turns in an excerpt; the next speaker is among them 75% of the time (val)
+_TURN = re.compile(r"([A-Z][A-Za-z' ]*):\n(.+)", re.DOTALL)
+
+
+def parse_turns(text: str) -> list[tuple[str, str] | None]:
+    """The speeches of a play text as (speaker, first line), in order; None where a block
+    is not a speech (a break: no excerpt spans it)."""
+    turns = []
+    for block in text.split("\n\n"):
+        match = _TURN.fullmatch(block.strip("\n"))
+        turns.append((match[1], match[2].split("\n")[0]) if match else None)
+    return turns
+
+
+def next_speaker_conversations(text: str) -> list[dict]:
+    """One conversation per speech that follows CONTEXT_TURNS speeches: the user shows them
+    (speaker and first line each) and asks who speaks next; the assistant names the speaker."""
+    turns = parse_turns(text)
+    conversations = []
+    for i in range(CONTEXT_TURNS, len(turns)):
+        window = turns[i - CONTEXT_TURNS:i + 1]
+        if None in window:
+            continue
+        excerpt = "\n\n".join(f"{name}:\n{line}" for name, line in window[:-1])
+        conversations.append({"messages": [{"role": "user", "content": f"{excerpt}\n\n{QUESTION}"},
+                                           {"role": "assistant", "content": window[-1][0]}]})
+    return conversations
+
+
+def build_chat_dataset(tokenizer: Tokenizer, block_size: int, out_dir=SFT_DIR) -> dict[str, Path]:
+    """Write train.jsonl (from the train split) and val.jsonl (from the val split only),
+    keeping the conversations that fit the context. Deterministic: same text, same files."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, text in zip(("train", "val"), train_val_split(load_text())):
+        conversations = [c for c in next_speaker_conversations(text)
+                         if len(render_conversation(tokenizer, c["messages"])[0]) <= block_size + 1]
+        paths[split] = out_dir / f"{split}.jsonl"
+        temp = paths[split].with_name(f".{split}.jsonl.tmp")
+        temp.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
+        temp.replace(paths[split])
+    return paths
+
+
+def chat_dataset(tokenizer: Tokenizer | None = None, block_size: int = 128) -> dict[str, Path]:
+    """The course's chat dataset files {"train": path, "val": path}, built on first use."""
+    paths = {split: SFT_DIR / f"{split}.jsonl" for split in ("train", "val")}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    if tokenizer is None:
+        tokenizer = load_data(config_from_dict({})).tokenizer  # the course's BPE
+    return build_chat_dataset(tokenizer, block_size)
+
+
+def load_conversations(path) -> list[list[dict]]:
+    """The conversations of a JSONL file, one {"messages": [...]} object per line, read with
+    `datasets` (offline). Malformed lines are reported with their line numbers first."""
+    path = Path(path)
+    if not path.is_file():
+        raise LilllmError(f"chat data file {path} is missing")
+    problems = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            check_conversation(record.get("messages") if isinstance(record, dict) else None)
+        except (json.JSONDecodeError, LilllmError) as err:
+            problems.append(f"line {number}: {str(err).splitlines()[0]}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise LilllmError(f"{path} has {len(problems)} malformed line(s): {'; '.join(problems[:5])}{more}; "
+                          'each line must be {"messages": [{"role": ..., "content": ...}, ...]}')
+    datasets = _datasets()
+    datasets.disable_progress_bars()
+    rows = datasets.load_dataset("json", data_files=str(path), split="train", keep_in_memory=True)
+    if len(rows) == 0:
+        raise LilllmError(f"chat data file {path} holds no conversations")
+    return [[{"role": m["role"], "content": m["content"]} for m in messages] for messages in rows["messages"]]
+
+
+# --- fine-tuning --------------------------------------------------------------------------
+
+@torch.no_grad()
+def supervised_loss(model: GPT, batches) -> float:
+    """Mean cross-entropy over the supervised targets of `batches` of (x, y): every
+    supervised token weighs the same, however the tokens fall into rows and batches."""
+    was_training = model.training
+    model.eval()
+    nats, count = 0.0, 0
+    for x, y in batches:
+        logits, _ = model(x)  # (B, T, vocab)
+        nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += (y != IGNORE_INDEX).sum().item()
+    model.train(was_training)
+    return nats / max(count, 1)
+
+
+@dataclass
+class SFTResult:
+    model: GPT
+    tokenizer: Tokenizer
+    records: list[dict]  # the metrics: train loss per logged step, val loss per evaluation
+    checkpoint: Path
+
+
+def finetune(init, train_file, val_file=None, *, steps: int = 400, batch_size: int = 16, lr: float = 3e-3,
+             warmup: int = 20, loss_on: str = "assistant", eval_interval: int = 50, eval_conversations: int = 128,
+             out_dir="runs/sft", seed: int = 0, device: str | None = None, log=print) -> SFTResult:
+    """Fine-tune the model of checkpoint `init` on the conversations of `train_file`: random
+    batches of conversations, the loss on the assistant's tokens (or on all, loss_on="all"),
+    AdamW with warmup and cosine decay, clipping. Every `eval_interval` steps the loss on the
+    assistant tokens of `eval_conversations` spread over `val_file`. Writes out_dir/last.pt
+    (naming the chat template) and out_dir/metrics.jsonl."""
+    if steps <= 0 or batch_size <= 0 or eval_interval <= 0:
+        raise LilllmError("steps, batch_size and eval_interval must be positive")
+    device = pick_device(device)
+    model, state = load_model(init, device)
+    # The pretrained run's settings, with the fine-tuning's schedule: the checkpoint stays a
+    # valid lilllm checkpoint that `lilllm chat` and `lilllm eval` load like any other.
+    config = config_from_dict({**json.loads(state["train_config"]), "steps": steps, "batch_size": batch_size, "lr": lr,
+                               "min_lr": lr / 10, "warmup": warmup, "eval_interval": eval_interval,
+                               "out_dir": str(out_dir), "seed": seed, "time_budget": None, "grad_accum": 1})
+    tokenizer = load_data(config).tokenizer
+    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
+        raise LilllmError(f"the tokenizer of checkpoint {init} has changed since it was trained: its ids would mean other text")
+    block_size, pad_id = model.config.block_size, tokenizer.special_ids[BEGIN]
+
+    def pairs(conversations, loss_on):
+        return [training_pair(*render_conversation(tokenizer, c), block_size, loss_on) for c in conversations]
+
+    train_pairs = pairs(load_conversations(train_file), loss_on)
+    val = load_conversations(val_file) if val_file else []
+    val_pairs = pairs(val[::max(1, len(val) // eval_conversations)][:eval_conversations], "assistant")  # spread over the split
+    val_batches = [tuple(t.to(device) for t in collate(val_pairs[i:i + 32], pad_id)) for i in range(0, len(val_pairs), 32)]
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = make_optimizer(model, config)
+    records, out = [], out_path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def evaluate_at(step):
+        if val_batches:
+            records.append({"step": step, "split": "val", "loss": supervised_loss(model, val_batches)})
+
+    model.train()
+    evaluate_at(0)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step - 1, config)
+        rows = torch.randint(len(train_pairs), (batch_size,), generator=generator).tolist()
+        x, y = (t.to(device) for t in collate([train_pairs[r] for r in rows], pad_id))  # (B, T) each
+        _, loss = model(x, y)  # mean over the supervised targets of the batch
+        if not math.isfinite(loss.item()):
+            raise LilllmError(f"the loss is {loss.item()} at step {step}: lower the learning rate (now {lr})")
+        loss.backward()
+        clip_gradients(model, config)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        records.append({"step": step, "split": "train", "loss": loss.item()})
+        if step % eval_interval == 0 or step == steps:
+            evaluate_at(step)
+            val = f", val {records[-1]['loss']:.3f}" if val_batches else ""
+            log(f"step {step:>5} of {steps} | loss {loss.item():.3f}{val} | {time.perf_counter() - start:.0f} s")
+    checkpoint = save_checkpoint(out / LAST, model=model, optimizer=optimizer, config=config,
+                                 fingerprint=tokenizer.fingerprint, step=steps, best_val_bpb=None, generator=generator,
+                                 clock={"train_time": time.perf_counter() - start, "warm_time": None},
+                                 extra={"chat_template": TEMPLATE_NAME, "sft_loss_on": loss_on})
+    (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return SFTResult(model.eval(), tokenizer, records, checkpoint)
+
+
+# --- evaluation -----------------------------------------------------------------------------
+
+def answer(model: GPT, tokenizer: Tokenizer, messages, template=chat_prompt, max_new_tokens: int = 12) -> str:
+    """The model's greedy reply to `messages` (ending with a user message), through
+    `lilllm.sampling`, stopped at <|end|> or <|endoftext|>."""
+    from lilllm.sampling import generate, stop_ids_of  # sibling module: imported when used
+
+    ids = generate(model, template(tokenizer, messages), max_new_tokens, temperature=0, stop_ids=stop_ids_of(tokenizer))
+    return tokenizer.decode(ids).strip()
+
+
+def exact_match(model: GPT, tokenizer: Tokenizer, conversations, template=chat_prompt) -> dict:
+    """Accuracy of the model's answer to each conversation's last assistant message, given
+    the messages before it: {"accuracy", "predictions"}."""
+    predictions = [answer(model, tokenizer, c[:-1], template) for c in conversations]
+    hits = [p == c[-1]["content"] for p, c in zip(predictions, conversations)]
+    return {"accuracy": sum(hits) / len(hits), "predictions": predictions}
+
+
+def speakers_in(conversation) -> list[str]:
+    """The speakers of a "who speaks next?" excerpt, in order."""
+    excerpt = conversation[-2]["content"].removesuffix(QUESTION)
+    return [turn.split(":\n")[0] for turn in excerpt.strip().split("\n\n")]
+
+
+def baselines(train_conversations, val_conversations) -> dict:
+    """Two answers without a model: always the most frequent train answer (trivial), and the
+    speaker from two turns back (dialogue often alternates between two people)."""
+    counts = {}
+    for c in train_conversations:
+        counts[c[-1]["content"]] = counts.get(c[-1]["content"], 0) + 1
+    most_frequent = max(counts, key=counts.get)
+    answers = [c[-1]["content"] for c in val_conversations]
+    return {
+        "most_frequent": most_frequent,
+        "most_frequent_accuracy": sum(a == most_frequent for a in answers) / len(answers),
+        "two_back_accuracy": sum(speakers_in(c)[-2] == a for c, a in zip(val_conversations, answers)) / len(answers),
+    }

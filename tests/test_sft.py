@@ -1,0 +1,208 @@
+"""Supervised fine-tuning: the template and its mask, targets and the masked loss, the
+refusals, the JSONL loader, the dataset builder, a short fine-tuning run and the CLI."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lilllm import LilllmError
+from lilllm.config import ModelConfig
+from lilllm.data import load_text, train_val_split
+from lilllm.model import GPT
+from lilllm.sft import (IGNORE_INDEX, QUESTION, baselines, build_chat_dataset, chat_prompt, collate,
+                        load_conversations, next_speaker_conversations, render_conversation, speakers_in,
+                        training_pair)
+from lilllm.tokenizer import CharTokenizer
+
+TOKENIZER = CharTokenizer.train("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ?!.,:'<|>\n")
+SPECIAL = TOKENIZER.special_ids
+TWO_TURNS = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "who?"},
+    {"role": "assistant", "content": "me"},
+]
+
+
+def test_render_builds_the_template_and_supervises_exactly_the_assistant_tokens():
+    ids, mask = render_conversation(TOKENIZER, TWO_TURNS)
+    enc = TOKENIZER.encode
+    expected = ([SPECIAL["<|endoftext|>"]]
+                + [SPECIAL["<|system|>"], *enc("be brief"), SPECIAL["<|end|>"]]
+                + [SPECIAL["<|user|>"], *enc("hi"), SPECIAL["<|end|>"]]
+                + [SPECIAL["<|assistant|>"], *enc("hello"), SPECIAL["<|end|>"]]
+                + [SPECIAL["<|user|>"], *enc("who?"), SPECIAL["<|end|>"]]
+                + [SPECIAL["<|assistant|>"], *enc("me"), SPECIAL["<|end|>"]])
+    assert ids == expected
+    supervised = [i for i, m in zip(ids, mask) if m]
+    assert supervised == [*enc("hello"), SPECIAL["<|end|>"], *enc("me"), SPECIAL["<|end|>"]]
+    # nothing outside the assistant turns: not the start, the system or user text, nor any role marker
+    assert mask == [0] * 15 + [0] + [1] * 6 + [0] * 6 + [0] + [1] * 3
+    assert not any(m for i, m in zip(ids, mask) if i in (SPECIAL["<|assistant|>"], SPECIAL["<|user|>"]))
+
+
+def test_message_text_cannot_forge_special_tokens():
+    ids, _ = render_conversation(TOKENIZER, [{"role": "user", "content": "<|end|>"}, {"role": "assistant", "content": "a"}])
+    assert ids.count(SPECIAL["<|end|>"]) == 2  # the two real ends; the text is encoded character by character
+
+
+def test_chat_prompt_ends_with_the_assistant_marker_and_prefixes_the_rendered_reply():
+    prompt = chat_prompt(TOKENIZER, TWO_TURNS[:4])
+    ids, _ = render_conversation(TOKENIZER, TWO_TURNS)
+    assert prompt[-1] == SPECIAL["<|assistant|>"]
+    assert ids[:len(prompt)] == prompt  # training and generation see the same tokens
+
+
+def test_the_template_is_registered_for_chat_by_name():
+    from lilllm.sampling import chat_template
+    from lilllm.sft import TEMPLATE_NAME
+
+    assert chat_template(TEMPLATE_NAME)(TOKENIZER, TWO_TURNS[:4]) == chat_prompt(TOKENIZER, TWO_TURNS[:4])
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}], "unknown role 'robot'"),
+    ([{"role": "user", "content": "x"}], "no assistant message"),
+    ([], "non-empty list"),
+    ([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}, {"role": "assistant", "content": "z"}],
+     "may only come first"),
+    ([{"role": "user", "content": 3}, {"role": "assistant", "content": "z"}], "is not a"),
+])
+def test_bad_conversations_are_rejected(messages, match):
+    with pytest.raises(LilllmError, match=match):
+        render_conversation(TOKENIZER, messages)
+
+
+def test_targets_shift_with_the_mask_and_padding_is_ignored():
+    ids, mask = render_conversation(TOKENIZER, TWO_TURNS)
+    x, y = training_pair(ids, mask, block_size=64)
+    assert x == ids[:-1] and len(y) == len(x)
+    for t in range(len(x)):  # the target at t is token t + 1, scored iff token t + 1 is supervised
+        assert y[t] == (ids[t + 1] if mask[t + 1] else IGNORE_INDEX)
+    _, y_all = training_pair(ids, mask, block_size=64, loss_on="all")
+    assert y_all == ids[1:]
+    short = training_pair(*render_conversation(TOKENIZER, TWO_TURNS[1:3]), block_size=64)
+    xb, yb = collate([(x, y), short], pad_id=0)
+    assert xb.shape == yb.shape == (2, len(x))
+    assert (yb[1, len(short[1]):] == IGNORE_INDEX).all()
+
+
+def test_a_conversation_longer_than_the_context_is_an_error_not_a_truncation():
+    ids, mask = render_conversation(TOKENIZER, TWO_TURNS)
+    training_pair(ids, mask, block_size=len(ids) - 1)  # exactly fits: len(ids) - 1 inputs
+    with pytest.raises(LilllmError, match=f"conversation of {len(ids)} tokens does not fit"):
+        training_pair(ids, mask, block_size=len(ids) - 2)
+    with pytest.raises(LilllmError, match="loss_on='some'"):
+        training_pair(ids, mask, block_size=64, loss_on="some")
+
+
+def test_masked_positions_add_zero_loss_and_zero_gradient():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=TOKENIZER.vocab_size, block_size=64, d_model=32, n_layers=1, n_heads=2,
+                            n_kv_heads=1))
+    ids, mask = render_conversation(TOKENIZER, TWO_TURNS)
+    x, y = collate([training_pair(ids, mask, 64)], pad_id=0)  # (1, T) each
+    logits, loss = model(x, y)
+    per_token = F.cross_entropy(logits[0], torch.tensor(ids[1:]), reduction="none")  # (T,)
+    supervised = torch.tensor(mask[1:], dtype=torch.bool)
+    torch.testing.assert_close(loss, per_token[supervised].mean())  # the mean over supervised tokens only
+    # The loss's gradient with respect to the logits is zero at every masked position.
+    logits = logits.detach().requires_grad_()
+    F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX).backward()
+    assert (logits.grad[0, ~supervised] == 0).all() and (logits.grad[0, supervised] != 0).any(dim=-1).all()
+
+
+def test_loader_reports_malformed_lines_by_number(tmp_path):
+    good = json.dumps({"messages": TWO_TURNS[1:3]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join([good, "{not json", good, json.dumps({"messages": [{"role": "user", "content": "x"}]}),
+                               json.dumps({"text": "x"})]) + "\n")
+    with pytest.raises(LilllmError, match=r"3 malformed line\(s\): line 2: .*; line 4: .*no assistant.*; line 5: "):
+        load_conversations(path)
+    path.write_text(good + "\n\n" + good + "\n")
+    assert load_conversations(path) == [TWO_TURNS[1:3]] * 2
+    with pytest.raises(LilllmError, match="is missing"):
+        load_conversations(tmp_path / "absent.jsonl")
+
+
+def test_next_speaker_conversations_ask_for_the_speaker_after_the_excerpt():
+    text = "A:\nline a\n\nB:\nline b\nmore\n\nA:\nagain\n\nC:\nsee\n\nB:\nlast\n\nnot a speech\n\nA:\nx"
+    conversations = next_speaker_conversations(text)
+    assert len(conversations) == 1  # the only speech after four speeches with no break between
+    (user, reply), = [c["messages"] for c in conversations]
+    assert user["content"] == f"A:\nline a\n\nB:\nline b\n\nA:\nagain\n\nC:\nsee\n\n{QUESTION}"
+    assert reply == {"role": "assistant", "content": "B"}
+    conversation = [user, reply]
+    assert speakers_in(conversation) == ["A", "B", "A", "C"]
+    assert baselines([conversation], [conversation]) == {"most_frequent": "B", "most_frequent_accuracy": 1.0,
+                                                         "two_back_accuracy": 0.0}
+
+
+def test_dataset_is_deterministic_and_its_val_part_comes_from_the_val_split_only(tmp_path):
+    tokenizer = CharTokenizer.train(load_text())
+    first = build_chat_dataset(tokenizer, 400, tmp_path / "a")  # characters: a longer context
+    second = build_chat_dataset(tokenizer, 400, tmp_path / "b")
+    for split in ("train", "val"):
+        assert first[split].read_bytes() == second[split].read_bytes()
+    train_text, val_text = train_val_split(load_text())
+    val = load_conversations(first["val"])
+    assert len(val) > 100
+    for conversation in val:
+        for turn in conversation[0]["content"].removesuffix(QUESTION).strip().split("\n\n"):
+            assert turn in val_text
+    # and exactly the conversations of the val text that fit the context, nothing from train
+    fits = [c["messages"] for c in next_speaker_conversations(val_text)
+            if len(render_conversation(tokenizer, c["messages"])[0]) <= 401]
+    assert val == fits
+    assert load_conversations(first["train"])[0][0]["content"].startswith("First Citizen:\n")
+
+
+# --- fine-tuning, end to end (the quick-mode pretrained model: 30 steps, cached) ----------
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory):
+    """A few train and val conversations, in JSONL files."""
+    from lilllm.train import config_from_dict, load_data
+
+    tokenizer = load_data(config_from_dict({})).tokenizer
+    train_text, val_text = train_val_split(load_text())
+    folder = tmp_path_factory.mktemp("chat")
+    files = {}
+    for split, text in (("train", train_text[:20_000]), ("val", val_text[:5_000])):
+        files[split] = folder / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(c) + "\n" for c in next_speaker_conversations(text)
+                                        if len(render_conversation(tokenizer, c["messages"])[0]) <= 129))
+    return files
+
+
+def test_finetune_writes_a_checkpoint_that_names_its_template(chat_files, tmp_path):
+    from lilllm.sft import TEMPLATE_NAME, exact_match, finetune
+    from lilllm.train import load_checkpoint, pretrained_checkpoint, read_metrics
+
+    result = finetune(pretrained_checkpoint(), chat_files["train"], chat_files["val"], steps=3, eval_interval=2,
+                      eval_conversations=8, out_dir=tmp_path / "sft", log=lambda line: None)
+    state = load_checkpoint(result.checkpoint)
+    assert (state["chat_template"], state["sft_loss_on"], state["step"]) == (TEMPLATE_NAME, "assistant", 3)
+    assert [(r["step"], r["split"]) for r in read_metrics(tmp_path / "sft") if r["split"] == "val"] == \
+        [(0, "val"), (2, "val"), (3, "val")]
+    scores = exact_match(result.model, result.tokenizer, load_conversations(chat_files["val"])[:3])
+    assert 0 <= scores["accuracy"] <= 1 and len(scores["predictions"]) == 3
+
+
+def test_cli_sft_then_chat_with_the_template(chat_files, tmp_path, monkeypatch, capsys):
+    import io
+
+    from lilllm.cli import main
+    from lilllm.train import pretrained_checkpoint
+
+    out = tmp_path / "sft"
+    assert main(["sft", "--init", str(pretrained_checkpoint()), "--data", str(chat_files["train"]), "--steps", "2",
+                 "--out", str(out)]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("GREMIO:\nGood morrow.\n\nWho speaks next?\n"))
+    assert main(["chat", str(out / "last.pt"), "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert "assistant: " in capsys.readouterr().out
+    assert main(["sft", "--data", str(tmp_path / "absent.jsonl"), "--steps", "1", "--out", str(out)]) == 2
+    assert "absent.jsonl is missing" in capsys.readouterr().err
