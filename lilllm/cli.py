@@ -76,21 +76,6 @@ def cmd_bench_pretrain(args) -> int:
     return 0
 
 
-def load_for_generation(path, device=None):
-    """A checkpoint's model (in eval mode), the tokenizer it was trained with, and the checkpoint."""
-    import json
-
-    from lilllm.env import pick_device
-    from lilllm.train import config_from_dict, load_data, load_model
-
-    model, state = load_model(path, pick_device(device))
-    tokenizer = load_data(config_from_dict(json.loads(state["train_config"]))).tokenizer
-    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-        raise LilllmError(f"the tokenizer of checkpoint {path} has changed since training (fingerprint "
-                          f"{tokenizer.fingerprint}, not {state['tokenizer_fingerprint']}): its ids would mean other text")
-    return model, tokenizer, state
-
-
 def _sampling_options(args) -> dict:
     """The sampling settings of `sample` and `chat`, checked before the checkpoint loads."""
     from lilllm.sampling import check_sampling
@@ -101,9 +86,10 @@ def _sampling_options(args) -> dict:
 
 def cmd_sample(args) -> int:
     from lilllm.sampling import encode_prompt, generate, stop_ids_of, stream
+    from lilllm.train import load_model_and_tokenizer
 
     options = _sampling_options(args)
-    model, tokenizer, _ = load_for_generation(args.checkpoint, args.device)
+    model, tokenizer, _ = load_model_and_tokenizer(args.checkpoint, args.device)
     prompt = encode_prompt(tokenizer, args.prompt)
     options["stop_ids"] = stop_ids_of(tokenizer)
     if args.stream:
@@ -117,9 +103,10 @@ def cmd_sample(args) -> int:
 
 def cmd_chat(args) -> int:
     from lilllm.sampling import chat_template, stop_ids_of, stream
+    from lilllm.train import load_model_and_tokenizer
 
     options = _sampling_options(args)
-    model, tokenizer, state = load_for_generation(args.checkpoint, args.device)
+    model, tokenizer, state = load_model_and_tokenizer(args.checkpoint, args.device)
     template = chat_template(args.template or state.get("chat_template", "plain"))
     options["stop_ids"] = stop_ids_of(tokenizer)
     interactive = sys.stdin.isatty()

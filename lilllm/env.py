@@ -17,9 +17,9 @@ DEVICE_ENV_VAR = "LILLLM_DEVICE"
 KNOWN_DEVICES = ("cpu", "cuda", "mps")
 
 
-def pick_device(name: str | None = None) -> torch.device:
+def pick_device(name: str | torch.device | None = None) -> torch.device:
     """The device to run on: `name` if given, else $LILLLM_DEVICE, else cuda → mps → cpu."""
-    name = name or os.environ.get(DEVICE_ENV_VAR) or None
+    name = str(name or os.environ.get(DEVICE_ENV_VAR) or "") or None
     if name is None:
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -41,8 +41,8 @@ from lilllm.data import DATA_DIR, _datasets, load_text, train_val_split
 from lilllm.env import pick_device
 from lilllm.model import GPT
 from lilllm.tokenizer import Tokenizer
-from lilllm.train import (LAST, METRICS, clip_gradients, config_from_dict, learning_rate, load_data, load_model,
-                          make_optimizer, out_path, save_checkpoint)
+from lilllm.train import (LAST, METRICS, clip_gradients, config_from_dict, learning_rate, load_data,
+                          load_model_and_tokenizer, make_optimizer, out_path, save_checkpoint)
 
 # --- the chat template -----------------------------------------------------------------
 
@@ -237,15 +237,12 @@ def finetune(init, train_file, val_file=None, *, steps: int = 400, batch_size: i
     if steps <= 0 or batch_size <= 0 or eval_interval <= 0:
         raise LilllmError("steps, batch_size and eval_interval must be positive")
     device = pick_device(device)
-    model, state = load_model(init, device)
+    model, tokenizer, state = load_model_and_tokenizer(init, device)
     # The pretrained run's settings, with the fine-tuning's schedule: the checkpoint stays a
     # valid lilllm checkpoint that `lilllm chat` and `lilllm eval` load like any other.
     config = config_from_dict({**json.loads(state["train_config"]), "steps": steps, "batch_size": batch_size, "lr": lr,
                                "min_lr": lr / 10, "warmup": warmup, "eval_interval": eval_interval,
                                "out_dir": str(out_dir), "seed": seed, "time_budget": None, "grad_accum": 1})
-    tokenizer = load_data(config).tokenizer
-    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-        raise LilllmError(f"the tokenizer of checkpoint {init} has changed since it was trained: its ids would mean other text")
     block_size, pad_id = model.config.block_size, tokenizer.special_ids[BEGIN]
 
     def pairs(conversations, loss_on):

@@ -380,6 +380,17 @@ def load_model(path, device="cpu") -> tuple[GPT, dict]:
     return model.to(device).eval(), state
 
 
+def load_model_and_tokenizer(path, device=None):
+    """A checkpoint's model (in eval mode), the tokenizer it was trained with, and the
+    checkpoint; refused if that tokenizer has changed since, as its ids would mean other text."""
+    model, state = load_model(path, pick_device(device))
+    tokenizer = load_data(config_from_dict(json.loads(state["train_config"]))).tokenizer
+    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
+        raise LilllmError(f"the tokenizer of checkpoint {path} has changed since training (fingerprint "
+                          f"{tokenizer.fingerprint}, not {state['tokenizer_fingerprint']}): its ids would mean other text")
+    return model, tokenizer, state
+
+
 def _check_resumable(state: dict, path, config: TrainConfig, model_config: ModelConfig, fingerprint: str) -> None:
     """Refuse to continue a checkpoint with another tokenizer, model or recipe."""
     fix = "resume with the settings it was trained with, or start a new run with another --out_dir"

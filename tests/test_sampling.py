@@ -301,9 +301,9 @@ def test_cli_sample_prints_the_seeded_continuation(checkpoint, capsys):
     printed = capsys.readouterr().out
     assert cli_main(args + ["--stream"]) == 0
     assert capsys.readouterr().out == printed
-    from lilllm.cli import load_for_generation
+    from lilllm.train import load_model_and_tokenizer
 
-    model, tokenizer, _ = load_for_generation(checkpoint, "cpu")
+    model, tokenizer, _ = load_model_and_tokenizer(checkpoint, "cpu")
     expected = tokenizer.decode(generate(model, tokenizer.encode("ROMEO:"), 30, temperature=0.8, top_k=20,
                                          top_p=0.9, seed=5, stop_ids=stop_ids_of(tokenizer)))
     assert printed == expected + "\n"
