@@ -281,17 +281,6 @@ def test_bad_moe_settings_are_rejected_with_a_message_naming_them(values, match)
 
 # --- training: the loop calls the step hook, logs the terms and MaxVio, reads MoE configs from JSON -----
 
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """Character-level token files of the first 20,000 characters."""
-    from lilllm.data import load_text, prepare
-
-    folder = tmp_path_factory.mktemp("data")
-    (folder / "small.txt").write_text(load_text()[:20_000])
-    prepare("char", None, [folder / "small.txt"], folder / "prepared")
-    return folder / "prepared"
-
-
 SMALL_RUN = ["--model.d_model=32", "--model.n_layers=2", "--model.n_heads=2", "--model.n_kv_heads=1",
              "--model.block_size=16", "--batch_size=4", "--grad_accum=2", "--warmup=1", "--log_interval=1",
              "--eval_interval=0", "--steps=3"]

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from lilllm import LilllmError
 from lilllm.cli import main as cli_main
 from lilllm.config import ModelConfig
-from lilllm.data import load_text, prepare
 from lilllm.env import REPO_ROOT
 from lilllm.model import GPT
 from lilllm.train import (BEST, LAST, PRESETS, TrainConfig, clip_gradients, evaluate, learning_rate, load_checkpoint,
@@ -26,15 +25,6 @@ import lilllm.train as train_module
 # A model small enough to take a few steps in well under a second.
 SMALL = ["--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--model.n_kv_heads=1",
          "--model.block_size=16", "--batch_size=4", "--warmup=2", "--log_interval=1", "--eval_interval=3"]
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """A character-level dataset of the first 30,000 characters (27,000 train, 3,000 val)."""
-    folder = tmp_path_factory.mktemp("data")
-    (folder / "small.txt").write_text(load_text()[:30_000])
-    prepare("char", None, [folder / "small.txt"], folder / "prepared")
-    return folder / "prepared"
 
 
 def small_config(small_data, out_dir, *more):
