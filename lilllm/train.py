@@ -380,15 +380,22 @@ def load_model(path, device="cpu") -> tuple[GPT, dict]:
     return model.to(device).eval(), state
 
 
-def load_model_and_tokenizer(path, device=None):
-    """A checkpoint's model (in eval mode), the tokenizer it was trained with, and the
-    checkpoint; refused if that tokenizer has changed since, as its ids would mean other text."""
+def load_model_and_data(path, device=None) -> tuple[GPT, PreparedData, dict]:
+    """A checkpoint's model (in eval mode), the prepared data it was trained on (tokenizer and
+    token files), and the checkpoint; refused if that tokenizer has changed since, as its ids
+    would mean other text."""
     model, state = load_model(path, pick_device(device))
-    tokenizer = load_data(config_from_dict(json.loads(state["train_config"]))).tokenizer
-    if tokenizer.fingerprint != state["tokenizer_fingerprint"]:
+    data = load_data(config_from_dict(json.loads(state["train_config"])))
+    if data.tokenizer.fingerprint != state["tokenizer_fingerprint"]:
         raise LilllmError(f"the tokenizer of checkpoint {path} has changed since training (fingerprint "
-                          f"{tokenizer.fingerprint}, not {state['tokenizer_fingerprint']}): its ids would mean other text")
-    return model, tokenizer, state
+                          f"{data.tokenizer.fingerprint}, not {state['tokenizer_fingerprint']}): its ids would mean other text")
+    return model, data, state
+
+
+def load_model_and_tokenizer(path, device=None):
+    """A checkpoint's model, the tokenizer it was trained with, and the checkpoint."""
+    model, data, state = load_model_and_data(path, device)
+    return model, data.tokenizer, state
 
 
 def _check_resumable(state: dict, path, config: TrainConfig, model_config: ModelConfig, fingerprint: str) -> None:
@@ -707,12 +714,8 @@ def plot_metrics(records: list[dict], ax=None, label: str = ""):
 def evaluate_checkpoint(path, device: str | None = None) -> dict:
     """Score a checkpoint on the val split of the data it was trained on (`lilllm eval`)."""
     device = pick_device(device)
-    model, state = load_model(path, device)
+    model, data, state = load_model_and_data(path, device)
     config = config_from_dict(json.loads(state["train_config"]))
-    data = load_data(config)
-    if data.tokenizer.fingerprint != state["tokenizer_fingerprint"]:
-        raise LilllmError(f"the token files of checkpoint {path} were rebuilt with another tokenizer "
-                          f"({data.tokenizer.fingerprint}, not {state['tokenizer_fingerprint']}): it cannot be scored on them")
     scores = evaluate(model, data.val, data.meta["val_bytes"], model.config.block_size, config.eval_batch_size, device)
     return {"step": state["step"], **scores}
 
