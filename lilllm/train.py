@@ -681,7 +681,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
     if writer and not interrupted:
         say(f"done: step {step:,}, val {val_bpb:.4f} bits per byte (best {best_val_bpb:.4f}), "
             f"{summary['bytes_per_s']:,.0f} bytes/s; checkpoints, metrics and {PLOT} in {_shown(out_dir)}")
-    if world_size > 1:
+    if world_size > 1:  # tear down together: a rank leaving while rank 0 still writes can abort
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return TrainResult(model=model, summary=summary, out_dir=out_dir)
 
