@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           '(default: "who speaks next?" from tiny-shakespeare, built once)')
     sft.add_argument("--val", metavar="FILE.jsonl", help="val conversations for the val loss (default: the built set's, "
                                                          "without --data; else none)")
-    sft.add_argument("--steps", type=int, default=400, help="(default: 400)")
+    sft.add_argument("--steps", type=int, default=2000, help="(default: 2000)")
     sft.add_argument("--batch-size", type=int, default=16, help="conversations per step (default: 16)")
     sft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
     sft.add_argument("--loss-on", choices=("assistant", "all"), default="assistant",

@@ -3,7 +3,7 @@
     from lilllm.sft import chat_dataset, finetune
     from lilllm.train import pretrained_checkpoint
     files = chat_dataset()
-    result = finetune(pretrained_checkpoint(), files["train"], files["val"], steps=200)
+    result = finetune(pretrained_checkpoint(), files["train"], files["val"])
 
 1. The chat template: every message is its role's special token, its text, then <|end|>;
    the conversation starts with <|endoftext|>. The special tokens are never produced by the
@@ -19,8 +19,9 @@
 4. The data: a chat dataset built from tiny-shakespeare, "who speaks next?" over a short
    excerpt of a scene. The answer is usually a name in the excerpt (75% of val answers), a
    skill that carries over to the val split's other plays, whose speakers are mostly new.
-   Train conversations come from the train split only, val conversations from the val split
-   only. JSONL files under data/sft/, read with `datasets`.
+   Train conversations come from the train split only, with their speakers disguised as
+   random others so that memorising who speaks in which play does not pay; val conversations
+   come from the val split only, as they are. JSONL files under data/sft/, read with `datasets`.
 5. Fine-tuning from a pretrained checkpoint with the trainer's optimizer, schedule, clipping
    and checkpoint format; the checkpoint names its chat template, so `lilllm chat` uses it.
 6. Evaluation: exact-match accuracy of greedy answers, generated with `lilllm.sampling`.
@@ -28,6 +29,7 @@
 
 import json
 import math
+import random
 import re
 import time
 from dataclasses import dataclass
@@ -120,6 +122,8 @@ def collate(pairs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
 SFT_DIR = DATA_DIR / "sft" / "next-speaker"
 QUESTION = "Who speaks next?"
 CONTEXT_TURNS = 4  # turns in an excerpt; the next speaker is among them 75% of the time (val)
+DISGUISES = 4  # copies of each train conversation, its speakers renamed at random each time
+DATASET_RECIPE = 2  # bumped when the files would come out different: chat_dataset() rebuilds them
 _TURN = re.compile(r"([A-Z][A-Za-z' ]*):\n(.+)", re.DOTALL)
 
 
@@ -148,29 +152,74 @@ def next_speaker_conversations(text: str) -> list[dict]:
     return conversations
 
 
+def excerpt_turns(conversation) -> list[tuple[str, str]]:
+    """The (speaker, line) turns of a "who speaks next?" excerpt, in order."""
+    excerpt = conversation[-2]["content"].removesuffix(QUESTION)
+    return [tuple(turn.split(":\n", 1)) for turn in excerpt.strip().split("\n\n")]
+
+
+def speakers_in(conversation) -> list[str]:
+    """The speakers of a "who speaks next?" excerpt, in order."""
+    return [speaker for speaker, _ in excerpt_turns(conversation)]
+
+
+def disguise_speakers(conversation: dict, names: list[str], rng: random.Random) -> dict:
+    """The conversation with each speaker renamed to a different name drawn from `names`,
+    consistently: in the excerpt's headings, where a line calls them by name, and in the answer."""
+    turns, reply = excerpt_turns(conversation["messages"]), conversation["messages"][-1]["content"]
+    old = list(dict.fromkeys([speaker for speaker, _ in turns] + [reply]))  # distinct, in order of appearance
+    new = dict(zip(old, rng.sample(names, len(old))))
+    called = {name.title(): name for name in old}  # a line says "Gremio" where the heading says "GREMIO"
+    calls = re.compile("|".join(rf"\b{re.escape(title)}\b" for title in called))
+    excerpt = "\n\n".join(f"{new[speaker]}:\n" + calls.sub(lambda m: new[called[m[0]]].title(), line)
+                           for speaker, line in turns)
+    return {"messages": [{"role": "user", "content": f"{excerpt}\n\n{QUESTION}"},
+                         {"role": "assistant", "content": new[reply]}]}
+
+
+def copying_conversations(text: str, draws: int = DISGUISES, seed: int = 0) -> list[dict]:
+    """The train conversations: those whose answer is a speaker of the excerpt, each `draws`
+    times with the speakers disguised as others of the same text. Who speaks in which play is
+    useless on the val plays, so the names are shuffled away; what is left to learn is the
+    skill that carries over: which speaker of the excerpt comes next, copied from the prompt."""
+    names = sorted({turn[0] for turn in parse_turns(text) if turn})
+    rng = random.Random(seed)
+    conversations = [c for c in next_speaker_conversations(text) if c["messages"][1]["content"] in speakers_in(c["messages"])]
+    return [disguise_speakers(c, names, rng) for c in conversations for _ in range(draws)]
+
+
 def build_chat_dataset(tokenizer: Tokenizer, block_size: int, out_dir=SFT_DIR) -> dict[str, Path]:
-    """Write train.jsonl (from the train split) and val.jsonl (from the val split only),
-    keeping the conversations that fit the context. Deterministic: same text, same files."""
+    """Write train.jsonl (copying conversations from the train split) and val.jsonl (plain
+    conversations from the val split only), keeping those that fit the context, and
+    meta.json with what they were built for. Deterministic: same text, same files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    train_text, val_text = train_val_split(load_text())
     paths = {}
-    for split, text in zip(("train", "val"), train_val_split(load_text())):
-        conversations = [c for c in next_speaker_conversations(text)
-                         if len(render_conversation(tokenizer, c["messages"])[0]) <= block_size + 1]
+    for split, conversations in (("train", copying_conversations(train_text)), ("val", next_speaker_conversations(val_text))):
+        fitting = [c for c in conversations if len(render_conversation(tokenizer, c["messages"])[0]) <= block_size + 1]
         paths[split] = out_dir / f"{split}.jsonl"
         temp = paths[split].with_name(f".{split}.jsonl.tmp")
-        temp.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
+        temp.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in fitting), encoding="utf-8")
         temp.replace(paths[split])
+    (out_dir / "meta.json").write_text(json.dumps(_dataset_meta(tokenizer, block_size)))
     return paths
 
 
+def _dataset_meta(tokenizer: Tokenizer, block_size: int) -> dict:
+    return {"recipe": DATASET_RECIPE, "tokenizer": tokenizer.fingerprint, "block_size": block_size}
+
+
 def chat_dataset(tokenizer: Tokenizer | None = None, block_size: int = 128) -> dict[str, Path]:
-    """The course's chat dataset files {"train": path, "val": path}, built on first use."""
-    paths = {split: SFT_DIR / f"{split}.jsonl" for split in ("train", "val")}
-    if all(p.exists() for p in paths.values()):
-        return paths
+    """The course's chat dataset files {"train": path, "val": path}, built on first use and
+    rebuilt when made for another tokenizer, context or version of the recipe."""
     if tokenizer is None:
         tokenizer = load_data(config_from_dict({})).tokenizer  # the course's BPE
+    paths = {split: SFT_DIR / f"{split}.jsonl" for split in ("train", "val")}
+    meta = SFT_DIR / "meta.json"
+    if all(p.exists() for p in paths.values()) and meta.exists() and \
+            json.loads(meta.read_text()) == _dataset_meta(tokenizer, block_size):
+        return paths
     return build_chat_dataset(tokenizer, block_size)
 
 
@@ -226,7 +275,7 @@ class SFTResult:
     checkpoint: Path
 
 
-def finetune(init, train_file, val_file=None, *, steps: int = 400, batch_size: int = 16, lr: float = 3e-3,
+def finetune(init, train_file, val_file=None, *, steps: int = 2000, batch_size: int = 16, lr: float = 3e-3,
              warmup: int = 20, loss_on: str = "assistant", eval_interval: int = 50, eval_conversations: int = 128,
              out_dir="runs/sft", seed: int = 0, device: str | None = None, log=print) -> SFTResult:
     """Fine-tune the model of checkpoint `init` on the conversations of `train_file`: random
@@ -308,12 +357,6 @@ def exact_match(model: GPT, tokenizer: Tokenizer, conversations, template=chat_p
     predictions = [answer(model, tokenizer, c[:-1], template) for c in conversations]
     hits = [p == c[-1]["content"] for p, c in zip(predictions, conversations)]
     return {"accuracy": sum(hits) / len(hits), "predictions": predictions}
-
-
-def speakers_in(conversation) -> list[str]:
-    """The speakers of a "who speaks next?" excerpt, in order."""
-    excerpt = conversation[-2]["content"].removesuffix(QUESTION)
-    return [turn.split(":\n")[0] for turn in excerpt.strip().split("\n\n")]
 
 
 def baselines(train_conversations, val_conversations) -> dict:

@@ -2,6 +2,7 @@
 refusals, the JSONL loader, the dataset builder, a short fine-tuning run and the CLI."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from lilllm.config import ModelConfig
 from lilllm.data import load_text, train_val_split
 from lilllm.model import GPT
 from lilllm.sft import (IGNORE_INDEX, QUESTION, baselines, build_chat_dataset, chat_prompt, collate,
-                        load_conversations, next_speaker_conversations, render_conversation, speakers_in,
+                        copying_conversations, disguise_speakers, excerpt_turns, load_conversations,
+                        next_speaker_conversations, parse_turns, render_conversation, speakers_in,
                         training_pair)
 from lilllm.tokenizer import CharTokenizer
 
@@ -157,7 +159,27 @@ def test_dataset_is_deterministic_and_its_val_part_comes_from_the_val_split_only
     fits = [c["messages"] for c in next_speaker_conversations(val_text)
             if len(render_conversation(tokenizer, c["messages"])[0]) <= 401]
     assert val == fits
-    assert load_conversations(first["train"])[0][0]["content"].startswith("First Citizen:\n")
+    train_speakers = {turn[0] for turn in parse_turns(train_text) if turn}
+    for conversation in load_conversations(first["train"]):  # copying: the answer is in the excerpt
+        assert conversation[-1]["content"] in speakers_in(conversation)
+        assert set(speakers_in(conversation)) <= train_speakers
+
+
+def test_disguised_speakers_are_renamed_the_same_everywhere():
+    conversation = {"messages": [{"role": "user", "content": f"GREMIO:\nGood morrow, Baptista.\n\nBAPTISTA:\n"
+                                                             f"Good morrow, neighbour Gremio.\n\n{QUESTION}"},
+                                 {"role": "assistant", "content": "GREMIO"}]}
+    disguised = disguise_speakers(conversation, ["First Citizen", "ROMEO"], random.Random(0))
+    user, reply = (m["content"] for m in disguised["messages"])
+    first, second = (speaker for speaker, _ in excerpt_turns(disguised["messages"]))
+    assert {first, second} == {"First Citizen", "ROMEO"} and reply == first
+    assert user == (f"{first}:\nGood morrow, {second.title()}.\n\n{second}:\n"
+                    f"Good morrow, neighbour {first.title()}.\n\n{QUESTION}")
+    assert copying_conversations("A:\nx\n\nB:\ny\n\nC:\nz\n\nD:\nw\n\nE:\nv", draws=2) == []  # E: not in the excerpt
+    alternating = copying_conversations("A:\nx\n\nB:\ny\n\nA:\nz\n\nB:\nw\n\nA:\nv", draws=2)
+    assert len(alternating) == 2
+    for disguised in alternating:
+        assert disguised["messages"][-1]["content"] == speakers_in(disguised["messages"])[-2]
 
 
 # --- fine-tuning, end to end (the quick-mode pretrained model: 30 steps, cached) ----------

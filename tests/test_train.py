@@ -295,3 +295,7 @@ def test_pretrained_checkpoint_trains_once_then_reuses_the_run(small_data, tmp_p
     assert train_module.pretrained_checkpoint() == path and path.stat().st_mtime_ns == stamp
     assert capsys.readouterr().out == ""
     assert [p.name for p in tmp_path.iterdir()] == ["pretrained-tiny-quick"]  # no temporary folder left
+    PRESETS["tiny"]["batch_size"] = 2  # the recipe changed: the cached run is stale and trained again
+    assert train_module.pretrained_checkpoint() == path
+    assert "training the tiny recipe once" in capsys.readouterr().out
+    assert json.loads(load_checkpoint(path)["train_config"])["batch_size"] == 2
