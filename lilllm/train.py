@@ -733,7 +733,7 @@ def pretrained_checkpoint(preset: str = "tiny") -> Path:
     name = f"pretrained-{preset}" + ("-quick" if quick_mode() else "")
     final = RUNS_DIR / name
     quick_settings = ["--steps=30", "--warmup=5", "--eval_interval=0"] if quick_mode() else []
-    wanted = make_config(preset, quick_settings).to_dict()
+    wanted = {**make_config(preset, quick_settings).to_dict(), "out_dir": None}  # wherever it was trained
     if not (final / BEST).exists() or _settings_of(final) != wanted:
         shutil.rmtree(final, ignore_errors=True)  # an unfinished run, or one of an older recipe
         print(f"training the {preset} recipe once, into {_shown(final)} (later calls reuse it)", flush=True)
@@ -749,13 +749,13 @@ def pretrained_checkpoint(preset: str = "tiny") -> Path:
 
 
 def _settings_of(run_dir: Path) -> dict | None:
-    """The settings a finished run was trained with (its out_dir set to the default's), or
-    None if it has no readable config.json."""
+    """The settings a finished run was trained with, out_dir left out (a cached run is trained
+    in a temporary folder), or None if it has no readable config.json."""
     try:
         saved = json.loads((run_dir / CONFIG_FILE).read_text())["train"]
     except (OSError, ValueError, KeyError):
         return None
-    return {**saved, "out_dir": TrainConfig.out_dir}
+    return {**saved, "out_dir": None}
 
 # --- the benchmark: nanoGPT's CPU recipe vs the course default at equal time ---------------
 
