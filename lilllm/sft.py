@@ -163,6 +163,11 @@ def speakers_in(conversation) -> list[str]:
     return [speaker for speaker, _ in excerpt_turns(conversation)]
 
 
+def answer_in_excerpt(conversation) -> bool:
+    """Whether the answer of a "who speaks next?" conversation is a speaker of its excerpt."""
+    return conversation[-1]["content"] in speakers_in(conversation)
+
+
 def disguise_speakers(conversation: dict, names: list[str], rng: random.Random) -> dict:
     """The conversation with each speaker renamed to a different name drawn from `names`,
     consistently: in the excerpt's headings, where a line calls them by name, and in the answer."""
@@ -184,7 +189,7 @@ def copying_conversations(text: str, draws: int = DISGUISES, seed: int = 0) -> l
     skill that carries over: which speaker of the excerpt comes next, copied from the prompt."""
     names = sorted({turn[0] for turn in parse_turns(text) if turn})
     rng = random.Random(seed)
-    conversations = [c for c in next_speaker_conversations(text) if c["messages"][1]["content"] in speakers_in(c["messages"])]
+    conversations = [c for c in next_speaker_conversations(text) if answer_in_excerpt(c["messages"])]
     return [disguise_speakers(c, names, rng) for c in conversations for _ in range(draws)]
 
 

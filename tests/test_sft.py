@@ -12,10 +12,9 @@ from lilllm import LilllmError
 from lilllm.config import ModelConfig
 from lilllm.data import load_text, train_val_split
 from lilllm.model import GPT
-from lilllm.sft import (IGNORE_INDEX, QUESTION, baselines, build_chat_dataset, chat_prompt, collate,
-                        copying_conversations, disguise_speakers, excerpt_turns, load_conversations,
-                        next_speaker_conversations, parse_turns, render_conversation, speakers_in,
-                        training_pair)
+from lilllm.sft import (IGNORE_INDEX, QUESTION, answer_in_excerpt, baselines, build_chat_dataset, chat_prompt,
+                        collate, copying_conversations, disguise_speakers, excerpt_turns, load_conversations,
+                        next_speaker_conversations, parse_turns, render_conversation, speakers_in, training_pair)
 from lilllm.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer.train("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ?!.,:'<|>\n")
@@ -161,7 +160,7 @@ def test_dataset_is_deterministic_and_its_val_part_comes_from_the_val_split_only
     assert val == fits
     train_speakers = {turn[0] for turn in parse_turns(train_text) if turn}
     for conversation in load_conversations(first["train"]):  # copying: the answer is in the excerpt
-        assert conversation[-1]["content"] in speakers_in(conversation)
+        assert answer_in_excerpt(conversation)
         assert set(speakers_in(conversation)) <= train_speakers
 
 
