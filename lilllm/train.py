@@ -745,6 +745,7 @@ def pretrained_checkpoint(preset: str = "tiny") -> Path:
             os.replace(temp, final)
         except OSError:  # another process finished first: keep its run
             shutil.rmtree(temp, ignore_errors=True)
+        print(f"cached: {_shown(final / BEST)}", flush=True)  # the lines above named the temporary folder
     return final / BEST
 
 

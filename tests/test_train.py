@@ -291,7 +291,9 @@ def test_pretrained_checkpoint_trains_once_then_reuses_the_run(small_data, tmp_p
     assert path == tmp_path / "pretrained-tiny-quick" / BEST  # tests run in quick mode
     assert load_checkpoint(path)["step"] == 30
     stamp = path.stat().st_mtime_ns
-    assert "training the tiny recipe once" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "training the tiny recipe once" in printed
+    assert printed.splitlines()[-1] == f"cached: {path}"  # where the run is now, not its temporary folder
     assert train_module.pretrained_checkpoint() == path and path.stat().st_mtime_ns == stamp
     assert capsys.readouterr().out == ""
     assert [p.name for p in tmp_path.iterdir()] == ["pretrained-tiny-quick"]  # no temporary folder left
