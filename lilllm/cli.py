@@ -138,7 +138,9 @@ def cmd_chat(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from lilllm.sft import chat_dataset, finetune
+    from pathlib import Path
+
+    from lilllm.sft import COPY_STEPS, chat_dataset, finetune, load_conversations, teach_copying
     from lilllm.train import pretrained_checkpoint
 
     init = args.init or pretrained_checkpoint()
@@ -146,6 +148,13 @@ def cmd_sft(args) -> int:
     if train_file is None:  # the course's chat dataset, built on first use
         files = chat_dataset()
         train_file, val_file = files["train"], val_file or files["val"]
+    for path in (train_file, val_file):
+        if path is not None:
+            load_conversations(path)  # a missing or malformed file fails now, not after the drill
+    copy_steps = COPY_STEPS if args.copy_steps is None else args.copy_steps
+    if copy_steps > 0:
+        print(f"the copy drill, {copy_steps} steps, then fine-tuning (--copy-steps 0 skips the drill)")
+        init = teach_copying(init, steps=copy_steps, out_dir=Path(args.out) / "copy-drill", device=args.device).checkpoint
     result = finetune(init, train_file, val_file, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       loss_on=args.loss_on, out_dir=args.out, device=args.device)
     print(f"wrote {result.checkpoint}; talk to it with: lilllm chat {result.checkpoint} --temperature 0")
@@ -242,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                           '(default: "who speaks next?" from tiny-shakespeare, built once)')
     sft.add_argument("--val", metavar="FILE.jsonl", help="val conversations for the val loss (default: the built set's, "
                                                          "without --data; else none)")
+    sft.add_argument("--copy-steps", type=int, metavar="N", help="steps of the copy drill before fine-tuning, 0 for "
+                                                                 "none (default: lilllm.sft.COPY_STEPS)")
     sft.add_argument("--steps", type=int, default=2000, help="(default: 2000)")
     sft.add_argument("--batch-size", type=int, default=16, help="conversations per step (default: 16)")
     sft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")

@@ -20,11 +20,14 @@
    excerpt of a scene. The answer is usually a name in the excerpt (75% of val answers), a
    skill that carries over to the val split's other plays, whose speakers are mostly new.
    Train conversations come from the train split only, with their speakers disguised as
-   random others so that memorising who speaks in which play does not pay; val conversations
-   come from the val split only, as they are. JSONL files under data/sft/, read with `datasets`.
-5. Fine-tuning from a pretrained checkpoint with the trainer's optimizer, schedule, clipping
-   and checkpoint format; the checkpoint names its chat template, so `lilllm chat` uses it.
-6. Evaluation: exact-match accuracy of greedy answers, generated with `lilllm.sampling`.
+   random others (other speakers, or invented names) so that memorising who speaks in which
+   play does not pay; val conversations come from the val split only, as they are. JSONL files under data/sft/, read with `datasets`.
+5. A copy drill before fine-tuning: random token sequences shown twice, the loss on the second
+   copy. A model pretrained for minutes cannot copy a name it has never seen (it has no
+   induction heads); after a few thousand drill steps it can, and the answers are names to copy.
+6. Fine-tuning from a checkpoint with the trainer's optimizer, schedule, clipping and
+   checkpoint format; the checkpoint names its chat template, so `lilllm chat` uses it.
+7. Evaluation: exact-match accuracy of greedy answers, generated with `lilllm.sampling`.
 """
 
 import json
@@ -123,7 +126,7 @@ SFT_DIR = DATA_DIR / "sft" / "next-speaker"
 QUESTION = "Who speaks next?"
 CONTEXT_TURNS = 4  # turns in an excerpt; the next speaker is among them 75% of the time (val)
 DISGUISES = 4  # copies of each train conversation, its speakers renamed at random each time
-DATASET_RECIPE = 2  # bumped when the files would come out different: chat_dataset() rebuilds them
+DATASET_RECIPE = 3  # bumped when the files would come out different: chat_dataset() rebuilds them
 _TURN = re.compile(r"([A-Z][A-Za-z' ]*):\n(.+)", re.DOTALL)
 
 
@@ -182,15 +185,29 @@ def disguise_speakers(conversation: dict, names: list[str], rng: random.Random) 
                          {"role": "assistant", "content": new[reply]}]}
 
 
-def copying_conversations(text: str, draws: int = DISGUISES, seed: int = 0) -> list[dict]:
+def invented_names(tokenizer: Tokenizer, count: int = 20_000, seed: int = 0) -> list[str]:
+    """Names no play has: 2 to 6 upper-case pieces of the BPE vocabulary, drawn at random and
+    glued together (like BAPTISTA, which is 7 pieces). Nobody can have memorised how such a
+    name goes on: a model that answers with one must copy it from the excerpt."""
+    pieces = sorted({piece for piece in map(tokenizer.decode, ([i] for i in range(ordinary_vocab_size(tokenizer))))
+                     if re.fullmatch("[A-Z]+", piece)})
+    rng, names = random.Random(seed), set()
+    while len(names) < count:
+        names.add("".join(rng.choice(pieces) for _ in range(rng.randint(2, 6))))
+    return sorted(names)
+
+
+def copying_conversations(text: str, invented: list[str], draws: int = DISGUISES, seed: int = 0) -> list[dict]:
     """The train conversations: those whose answer is a speaker of the excerpt, each `draws`
-    times with the speakers disguised as others of the same text. Who speaks in which play is
-    useless on the val plays, so the names are shuffled away; what is left to learn is the
-    skill that carries over: which speaker of the excerpt comes next, copied from the prompt."""
-    names = sorted({turn[0] for turn in parse_turns(text) if turn})
+    times with the speakers disguised, half of the time as other speakers of the same text and
+    half of the time as `invented` names. Who speaks in which play is useless on the val plays,
+    so the names are shuffled away; what is left to learn is the skill that carries over: which
+    speaker of the excerpt comes next, copied from the prompt."""
+    speakers = sorted({turn[0] for turn in parse_turns(text) if turn})
     rng = random.Random(seed)
     conversations = [c for c in next_speaker_conversations(text) if answer_in_excerpt(c["messages"])]
-    return [disguise_speakers(c, names, rng) for c in conversations for _ in range(draws)]
+    return [disguise_speakers(c, speakers if rng.random() < 0.5 else invented, rng)
+            for c in conversations for _ in range(draws)]
 
 
 def build_chat_dataset(tokenizer: Tokenizer, block_size: int, out_dir=SFT_DIR) -> dict[str, Path]:
@@ -201,7 +218,8 @@ def build_chat_dataset(tokenizer: Tokenizer, block_size: int, out_dir=SFT_DIR) -
     out_dir.mkdir(parents=True, exist_ok=True)
     train_text, val_text = train_val_split(load_text())
     paths = {}
-    for split, conversations in (("train", copying_conversations(train_text)), ("val", next_speaker_conversations(val_text))):
+    train = copying_conversations(train_text, invented_names(tokenizer))
+    for split, conversations in (("train", train), ("val", next_speaker_conversations(val_text))):
         fitting = [c for c in conversations if len(render_conversation(tokenizer, c["messages"])[0]) <= block_size + 1]
         paths[split] = out_dir / f"{split}.jsonl"
         temp = paths[split].with_name(f".{split}.jsonl.tmp")
@@ -255,7 +273,7 @@ def load_conversations(path) -> list[list[dict]]:
     return [[{"role": m["role"], "content": m["content"]} for m in messages] for messages in rows["messages"]]
 
 
-# --- fine-tuning --------------------------------------------------------------------------
+# --- the training loop ---------------------------------------------------------------------
 
 @torch.no_grad()
 def supervised_loss(model: GPT, batches) -> float:
@@ -276,9 +294,123 @@ def supervised_loss(model: GPT, batches) -> float:
 class SFTResult:
     model: GPT
     tokenizer: Tokenizer
-    records: list[dict]  # the metrics: train loss per logged step, val loss per evaluation
+    records: list[dict]  # the metrics: train loss per step, then a record per evaluation
     checkpoint: Path
 
+
+def _fit(model: GPT, tokenizer: Tokenizer, state: dict, settings: dict, draw_batch, evaluate, out_dir, log,
+         extra: dict) -> SFTResult:
+    """The loop fine-tuning and the copy drill share. AdamW with warmup and cosine decay and
+    clipping, with the pretrained run's settings (from its checkpoint `state`) updated with
+    `settings`; `draw_batch(generator)` gives each step's (x, y); `evaluate()` a dict of
+    measurements (or None) at step 0 and every eval_interval steps. Writes out_dir/last.pt
+    (with `extra` in it) and out_dir/metrics.jsonl."""
+    # The checkpoint stays a valid lilllm checkpoint that `lilllm chat` and `lilllm eval` load like any other.
+    config = config_from_dict({**json.loads(state["train_config"]), "out_dir": str(out_dir), "time_budget": None,
+                               "grad_accum": 1, **settings})
+    device = next(model.parameters()).device
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = make_optimizer(model, config)
+    records, out = [], out_path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def evaluate_at(step) -> str:
+        scores = evaluate()
+        if scores is not None:
+            records.append({"step": step, "split": "val", **scores})
+        return "".join(f", val {name} {value:.3f}" for name, value in (scores or {}).items())
+
+    model.train()
+    evaluate_at(0)
+    start = time.perf_counter()
+    for step in range(1, config.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step - 1, config)
+        x, y = (t.to(device) for t in draw_batch(generator))  # (B, T) each
+        _, loss = model(x, y)  # the mean over the batch's targets that are not -100
+        if not math.isfinite(loss.item()):
+            raise LilllmError(f"the loss is {loss.item()} at step {step}: lower the learning rate (now {config.lr})")
+        loss.backward()
+        clip_gradients(model, config)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        records.append({"step": step, "split": "train", "loss": loss.item()})
+        if step % config.eval_interval == 0 or step == config.steps:
+            shown = evaluate_at(step)
+            log(f"step {step:>5} of {config.steps} | loss {loss.item():.3f}{shown} | {time.perf_counter() - start:.0f} s")
+    checkpoint = save_checkpoint(out / LAST, model=model, optimizer=optimizer, config=config,
+                                 fingerprint=tokenizer.fingerprint, step=config.steps, best_val_bpb=None,
+                                 generator=generator, clock={"train_time": time.perf_counter() - start, "warm_time": None},
+                                 extra=extra)
+    (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return SFTResult(model.eval(), tokenizer, records, checkpoint)
+
+
+def _check_schedule(steps: int, batch_size: int, eval_interval: int) -> None:
+    if steps <= 0 or batch_size <= 0 or eval_interval <= 0:
+        raise LilllmError("steps, batch_size and eval_interval must be positive")
+
+
+# --- a copy drill: teaching the model to copy before it fine-tunes -------------------------
+
+COPY_STEPS = 4000  # the drill loss sits near chance for ~3,000 steps, then copying appears within a few hundred
+
+
+def ordinary_vocab_size(tokenizer: Tokenizer) -> int:
+    """How many ids are ordinary BPE tokens: the special tokens are registered after them."""
+    return min(tokenizer.special_ids.values())
+
+
+def copy_drill_batch(batch_size: int, block_size: int, vocab_size: int, generator: torch.Generator):
+    """(x, y) of the copy drill, (B, T) each. A row is a random token sequence s of 8 to
+    block_size/2 tokens, s again, then random filler. The targets are the second copy from its
+    second token on (its first token has nothing before it to match); all others are -100.
+    Nothing but copying predicts them: the drill rewards an induction head and nothing else."""
+    x = torch.randint(vocab_size, (batch_size, block_size + 1), generator=generator)  # (B, T + 1), filler
+    y = torch.full((batch_size, block_size), IGNORE_INDEX)  # (B, T)
+    for row in range(batch_size):
+        n = int(torch.randint(8, block_size // 2, (1,), generator=generator))
+        x[row, n:2 * n] = x[row, :n]  # the second copy
+        y[row, n:2 * n - 1] = x[row, n + 1:2 * n]  # position t predicts token t + 1
+    return x[:, :-1], y
+
+
+@torch.no_grad()
+def repeat_accuracy(model: GPT, tokens: torch.Tensor, n: int = 32, length: int = 30, seed: int = 0) -> tuple[float, float]:
+    """Greedy next-token accuracy on the first and on the second copy of n passages of `tokens`
+    (random starts) shown twice in a row. A model that can copy gets the second almost free."""
+    was_training = model.training
+    model.eval()
+    starts = torch.randint(len(tokens) - length, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    passages = torch.stack([tokens[s:s + length] for s in starts])  # (n, length)
+    x = torch.cat([passages, passages], dim=1).to(next(model.parameters()).device)  # (n, 2 * length)
+    logits, _ = model(x[:, :-1])  # (n, 2 * length - 1, vocab)
+    hits = (logits.argmax(-1) == x[:, 1:]).float()  # (n, 2 * length - 1): position t predicts token t + 1
+    model.train(was_training)
+    # the first copy's own tokens, and the second copy's after its first (which no copying can predict)
+    return hits[:, :length - 1].mean().item(), hits[:, length:].mean().item()
+
+
+def teach_copying(init, *, steps: int = COPY_STEPS, batch_size: int = 16, lr: float = 1e-3, eval_interval: int = 250,
+                  out_dir="runs/copy-drill", seed: int = 0, device: str | None = None, log=print) -> SFTResult:
+    """Train the model of checkpoint `init` on the copy drill, at a constant learning rate
+    after a short warmup and without weight decay (the circuit forms late: nothing should pull
+    it back). Every `eval_interval` steps: the repeat accuracy on the second copy of fixed
+    random sequences. Writes out_dir/last.pt, a checkpoint `finetune` can start from."""
+    _check_schedule(steps, batch_size, eval_interval)
+    model, tokenizer, state = load_model_and_tokenizer(init, pick_device(device))
+    vocab_size, block_size = ordinary_vocab_size(tokenizer), model.config.block_size
+    probe = torch.randint(vocab_size, (4096,), generator=torch.Generator().manual_seed(seed + 1))  # never trained on
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "min_lr": lr, "warmup": 50, "weight_decay": 0.0,
+                "eval_interval": eval_interval, "seed": seed}
+    return _fit(model, tokenizer, state, settings,
+                draw_batch=lambda generator: copy_drill_batch(batch_size, block_size, vocab_size, generator),
+                evaluate=lambda: {"repeat_accuracy": repeat_accuracy(model, probe)[1]},
+                out_dir=out_dir, log=log, extra={"copy_drill_steps": steps})
+
+
+# --- fine-tuning --------------------------------------------------------------------------
 
 def finetune(init, train_file, val_file=None, *, steps: int = 2000, batch_size: int = 16, lr: float = 3e-3,
              warmup: int = 20, loss_on: str = "assistant", eval_interval: int = 50, eval_conversations: int = 128,
@@ -288,15 +420,9 @@ def finetune(init, train_file, val_file=None, *, steps: int = 2000, batch_size: 
     AdamW with warmup and cosine decay, clipping. Every `eval_interval` steps the loss on the
     assistant tokens of `eval_conversations` spread over `val_file`. Writes out_dir/last.pt
     (naming the chat template) and out_dir/metrics.jsonl."""
-    if steps <= 0 or batch_size <= 0 or eval_interval <= 0:
-        raise LilllmError("steps, batch_size and eval_interval must be positive")
+    _check_schedule(steps, batch_size, eval_interval)
     device = pick_device(device)
     model, tokenizer, state = load_model_and_tokenizer(init, device)
-    # The pretrained run's settings, with the fine-tuning's schedule: the checkpoint stays a
-    # valid lilllm checkpoint that `lilllm chat` and `lilllm eval` load like any other.
-    config = config_from_dict({**json.loads(state["train_config"]), "steps": steps, "batch_size": batch_size, "lr": lr,
-                               "min_lr": lr / 10, "warmup": warmup, "eval_interval": eval_interval,
-                               "out_dir": str(out_dir), "seed": seed, "time_budget": None, "grad_accum": 1})
     block_size, pad_id = model.config.block_size, tokenizer.special_ids[BEGIN]
 
     def pairs(conversations, loss_on):
@@ -307,42 +433,15 @@ def finetune(init, train_file, val_file=None, *, steps: int = 2000, batch_size: 
     val_pairs = pairs(val[::max(1, len(val) // eval_conversations)][:eval_conversations], "assistant")  # spread over the split
     val_batches = [tuple(t.to(device) for t in collate(val_pairs[i:i + 32], pad_id)) for i in range(0, len(val_pairs), 32)]
 
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = make_optimizer(model, config)
-    records, out = [], out_path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def evaluate_at(step):
-        if val_batches:
-            records.append({"step": step, "split": "val", "loss": supervised_loss(model, val_batches)})
-
-    model.train()
-    evaluate_at(0)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step - 1, config)
+    def draw_batch(generator):
         rows = torch.randint(len(train_pairs), (batch_size,), generator=generator).tolist()
-        x, y = (t.to(device) for t in collate([train_pairs[r] for r in rows], pad_id))  # (B, T) each
-        _, loss = model(x, y)  # mean over the supervised targets of the batch
-        if not math.isfinite(loss.item()):
-            raise LilllmError(f"the loss is {loss.item()} at step {step}: lower the learning rate (now {lr})")
-        loss.backward()
-        clip_gradients(model, config)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        records.append({"step": step, "split": "train", "loss": loss.item()})
-        if step % eval_interval == 0 or step == steps:
-            evaluate_at(step)
-            val = f", val {records[-1]['loss']:.3f}" if val_batches else ""
-            log(f"step {step:>5} of {steps} | loss {loss.item():.3f}{val} | {time.perf_counter() - start:.0f} s")
-    checkpoint = save_checkpoint(out / LAST, model=model, optimizer=optimizer, config=config,
-                                 fingerprint=tokenizer.fingerprint, step=steps, best_val_bpb=None, generator=generator,
-                                 clock={"train_time": time.perf_counter() - start, "warm_time": None},
-                                 extra={"chat_template": TEMPLATE_NAME, "sft_loss_on": loss_on})
-    (out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return SFTResult(model.eval(), tokenizer, records, checkpoint)
+        return collate([train_pairs[r] for r in rows], pad_id)
+
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "min_lr": lr / 10, "warmup": warmup,
+                "eval_interval": eval_interval, "seed": seed}
+    return _fit(model, tokenizer, state, settings, draw_batch,
+                evaluate=lambda: {"loss": supervised_loss(model, val_batches)} if val_batches else None,
+                out_dir=out_dir, log=log, extra={"chat_template": TEMPLATE_NAME, "sft_loss_on": loss_on})
 
 
 # --- evaluation -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Supervised fine-tuning: the template and its mask, targets and the masked loss, the
-refusals, the JSONL loader, the dataset builder, a short fine-tuning run and the CLI."""
+refusals, the JSONL loader, the dataset builder, the copy drill, a short fine-tuning run and
+the CLI."""
 
 import json
 import random
@@ -13,8 +14,9 @@ from lilllm.config import ModelConfig
 from lilllm.data import load_text, train_val_split
 from lilllm.model import GPT
 from lilllm.sft import (IGNORE_INDEX, QUESTION, answer_in_excerpt, baselines, build_chat_dataset, chat_prompt,
-                        collate, copying_conversations, disguise_speakers, excerpt_turns, load_conversations,
-                        next_speaker_conversations, parse_turns, render_conversation, speakers_in, training_pair)
+                        collate, copy_drill_batch, copying_conversations, disguise_speakers, excerpt_turns,
+                        invented_names, load_conversations, next_speaker_conversations, parse_turns,
+                        render_conversation, repeat_accuracy, speakers_in, training_pair)
 from lilllm.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer.train("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ?!.,:'<|>\n")
@@ -158,10 +160,14 @@ def test_dataset_is_deterministic_and_its_val_part_comes_from_the_val_split_only
     fits = [c["messages"] for c in next_speaker_conversations(val_text)
             if len(render_conversation(tokenizer, c["messages"])[0]) <= 401]
     assert val == fits
-    train_speakers = {turn[0] for turn in parse_turns(train_text) if turn}
+    train_speakers, invented = {turn[0] for turn in parse_turns(train_text) if turn}, set(invented_names(tokenizer))
+    disguises = {"speakers": 0, "invented": 0}
     for conversation in load_conversations(first["train"]):  # copying: the answer is in the excerpt
         assert answer_in_excerpt(conversation)
-        assert set(speakers_in(conversation)) <= train_speakers
+        names = set(speakers_in(conversation))
+        assert names <= train_speakers or names <= invented
+        disguises["speakers" if names <= train_speakers else "invented"] += 1
+    assert 0.45 < disguises["speakers"] / sum(disguises.values()) < 0.55
 
 
 def test_disguised_speakers_are_renamed_the_same_everywhere():
@@ -174,11 +180,50 @@ def test_disguised_speakers_are_renamed_the_same_everywhere():
     assert {first, second} == {"First Citizen", "ROMEO"} and reply == first
     assert user == (f"{first}:\nGood morrow, {second.title()}.\n\n{second}:\n"
                     f"Good morrow, neighbour {first.title()}.\n\n{QUESTION}")
-    assert copying_conversations("A:\nx\n\nB:\ny\n\nC:\nz\n\nD:\nw\n\nE:\nv", draws=2) == []  # E: not in the excerpt
-    alternating = copying_conversations("A:\nx\n\nB:\ny\n\nA:\nz\n\nB:\nw\n\nA:\nv", draws=2)
-    assert len(alternating) == 2
+    invented = ["XO", "ZAB", "QUIL"]
+    assert copying_conversations("A:\nx\n\nB:\ny\n\nC:\nz\n\nD:\nw\n\nE:\nv", invented, draws=2) == []  # E: not in the excerpt
+    alternating = copying_conversations("A:\nx\n\nB:\ny\n\nA:\nz\n\nB:\nw\n\nA:\nv", invented, draws=8)
+    assert len(alternating) == 8
     for disguised in alternating:
         assert disguised["messages"][-1]["content"] == speakers_in(disguised["messages"])[-2]
+    assert {name for d in alternating for name in speakers_in(d["messages"])} == {"A", "B", *invented}
+
+
+# --- the copy drill ----------------------------------------------------------------------
+
+def test_copy_drill_scores_exactly_the_second_copy_after_its_first_token():
+    x, y = copy_drill_batch(64, 32, 50, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (64, 32)
+    lengths = set()
+    for row_x, row_y in zip(x, y):
+        scored = (row_y != IGNORE_INDEX).nonzero().flatten().tolist()
+        n = scored[0]  # the second copy starts here; its first token is not scored
+        assert scored == list(range(n, 2 * n - 1)) and 8 <= n < 16
+        assert torch.equal(row_x[n:2 * n], row_x[:n])  # the sequence, then the same again
+        assert torch.equal(row_y[n:2 * n - 2], row_x[n + 1:2 * n - 1])  # position t is scored on token t + 1
+        assert row_y[2 * n - 2] == row_x[n - 1]  # the last target: the first copy's last token
+        lengths.add(n)
+    assert len(lengths) > 3 and int(x.max()) < 50
+
+
+class Copier(torch.nn.Module):
+    """A perfect copier on the repeat test: at position t it predicts the token that followed
+    position t - length, which is what a passage of `length` tokens shown twice repeats."""
+
+    def __init__(self, length, vocab):
+        super().__init__()
+        self.length, self.vocab, self.dummy = length, vocab, torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        following = torch.cat([x[:, 1:], x[:, -1:]], dim=1)  # (B, T): the token after each position
+        guess = torch.roll(following, self.length, dims=1)  # (B, T): the token after position t - length
+        return F.one_hot(guess, self.vocab).float(), None
+
+
+def test_repeat_accuracy_measures_the_first_and_the_second_copy():
+    tokens = torch.randint(100, (1000,), generator=torch.Generator().manual_seed(0))
+    first, second = repeat_accuracy(Copier(30, 100), tokens)
+    assert second == 1.0 and first < 0.2  # copying helps the second copy only
 
 
 # --- fine-tuning, end to end (the quick-mode pretrained model: 30 steps, cached) ----------
@@ -217,13 +262,15 @@ def test_cli_sft_then_chat_with_the_template(chat_files, tmp_path, monkeypatch, 
     import io
 
     from lilllm.cli import main
-    from lilllm.train import pretrained_checkpoint
+    from lilllm.train import load_checkpoint, pretrained_checkpoint
 
     out = tmp_path / "sft"
     assert main(["sft", "--init", str(pretrained_checkpoint()), "--data", str(chat_files["train"]), "--steps", "2",
-                 "--out", str(out)]) == 0
+                 "--copy-steps", "3", "--out", str(out)]) == 0
+    assert load_checkpoint(out / "copy-drill" / "last.pt")["step"] == 3  # the drill ran first, then fine-tuning
     monkeypatch.setattr("sys.stdin", io.StringIO("GREMIO:\nGood morrow.\n\nWho speaks next?\n"))
     assert main(["chat", str(out / "last.pt"), "--temperature", "0", "--max-new-tokens", "4"]) == 0
     assert "assistant: " in capsys.readouterr().out
-    assert main(["sft", "--data", str(tmp_path / "absent.jsonl"), "--steps", "1", "--out", str(out)]) == 2
+    assert main(["sft", "--data", str(tmp_path / "absent.jsonl"), "--steps", "1", "--out", str(tmp_path / "bad")]) == 2
     assert "absent.jsonl is missing" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before the copy drill started
