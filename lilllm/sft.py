@@ -21,7 +21,8 @@
    skill that carries over to the val split's other plays, whose speakers are mostly new.
    Train conversations come from the train split only, with their speakers disguised as
    random others (other speakers, or invented names) so that memorising who speaks in which
-   play does not pay; val conversations come from the val split only, as they are. JSONL files under data/sft/, read with `datasets`.
+   play does not pay; val conversations come from the val split only, as they are. JSONL
+   files under data/sft/, read with `datasets`.
 5. A copy drill before fine-tuning: random token sequences shown twice, the loss on the second
    copy. A model pretrained for minutes cannot copy a name it has never seen (it has no
    induction heads); after a few thousand drill steps it can, and the answers are names to copy.
@@ -354,7 +355,7 @@ def _check_schedule(steps: int, batch_size: int, eval_interval: int) -> None:
 
 # --- a copy drill: teaching the model to copy before it fine-tunes -------------------------
 
-COPY_STEPS = 4000  # the drill loss sits near chance for ~3,000 steps, then copying appears within a few hundred
+COPY_STEPS = 4000  # the drill loss sits near chance for ~2,500 steps, then copying appears within a few hundred
 
 
 def ordinary_vocab_size(tokenizer: Tokenizer) -> int:
