@@ -190,8 +190,8 @@ def invented_names(tokenizer: Tokenizer, count: int = 20_000, seed: int = 0) -> 
     """Names no play has: 2 to 6 upper-case pieces of the BPE vocabulary, drawn at random and
     glued together (like BAPTISTA, which is 7 pieces). Nobody can have memorised how such a
     name goes on: a model that answers with one must copy it from the excerpt."""
-    pieces = sorted({piece for piece in map(tokenizer.decode, ([i] for i in range(ordinary_vocab_size(tokenizer))))
-                     if re.fullmatch("[A-Z]+", piece)})
+    tokens = (tokenizer.decode([i]) for i in range(ordinary_vocab_size(tokenizer)))
+    pieces = sorted({token for token in tokens if re.fullmatch("[A-Z]+", token)})
     rng, names = random.Random(seed), set()
     while len(names) < count:
         names.add("".join(rng.choice(pieces) for _ in range(rng.randint(2, 6))))
