@@ -4,6 +4,7 @@ everything the course needs is installed (`lilllm env`)."""
 import os
 import platform
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +34,11 @@ def pick_device(name: str | torch.device | None = None) -> torch.device:
     if not available[kind]:
         raise LilllmError(f"device {name!r} is not available on this machine: use cpu, or unset {DEVICE_ENV_VAR}")
     return torch.device(name)
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA (matmuls in bf16, reductions in fp32); fp32 everywhere else."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 
 from lilllm import LilllmError
 from lilllm.config import ModelConfig
+from lilllm.env import autocast_context
 from lilllm.model import GPT
 
 # --- choosing the next token --------------------------------------------------------------
@@ -135,8 +136,9 @@ def _generate(model, ids, max_new_tokens, sampling, stop_ids, generator, use_cac
     cache = None
 
     def logits_of(new_ids, cache=None):
-        logits, _ = model(torch.tensor([new_ids], device=device), cache=cache)  # (1, T, V)
-        return logits[0, -1]  # (V,): the next token's logits
+        with autocast_context(device):  # bf16 on CUDA
+            logits, _ = model(torch.tensor([new_ids], device=device), cache=cache)  # (1, T, V)
+        return logits[0, -1].float()  # (V,): the next token's logits
 
     for _ in range(max_new_tokens):
         if not use_cache:  # recompute the whole (last block_size tokens of the) context

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from lilllm import LilllmError
 from lilllm.config import ModelConfig
 from lilllm.data import PreparedData, get_batch, load_prepared, prepared_dataset
-from lilllm.env import REPO_ROOT, pick_device
+from lilllm.env import REPO_ROOT, autocast_context, pick_device
 from lilllm.model import GPT
 
 CHECKPOINT_FORMAT = "lilllm-checkpoint-1"
@@ -281,11 +281,6 @@ def clip_gradients(model: torch.nn.Module, config: TrainConfig) -> float:
     if config.clip == "value":
         torch.nn.utils.clip_grad_value_(params, config.grad_clip)
     return norm
-
-
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA (matmuls in bf16, reductions in fp32); fp32 everywhere else."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 @torch.no_grad()
