@@ -35,7 +35,9 @@ import json
 import math
 import random
 import re
+import string
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 
 from lilllm import LilllmError
 from lilllm.data import DATA_DIR, _datasets, load_text, train_val_split
-from lilllm.env import pick_device
+from lilllm.env import autocast_context, pick_device
 from lilllm.model import GPT
 from lilllm.tokenizer import Tokenizer
 from lilllm.train import (LAST, METRICS, clip_gradients, config_from_dict, learning_rate, load_data,
@@ -284,8 +286,9 @@ def supervised_loss(model: GPT, batches) -> float:
     model.eval()
     nats, count = 0.0, 0
     for x, y in batches:
-        logits, _ = model(x)  # (B, T, vocab)
-        nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        with autocast_context(x.device):
+            logits, _ = model(x)  # (B, T, vocab)
+        nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += (y != IGNORE_INDEX).sum().item()
     model.train(was_training)
     return nats / max(count, 1)
@@ -329,7 +332,8 @@ def _fit(model: GPT, tokenizer: Tokenizer, state: dict, settings: dict, draw_bat
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - 1, config)
         x, y = (t.to(device) for t in draw_batch(generator))  # (B, T) each
-        _, loss = model(x, y)  # the mean over the batch's targets that are not -100
+        with autocast_context(device):
+            _, loss = model(x, y)  # the mean over the batch's targets that are not -100
         if not math.isfinite(loss.item()):
             raise LilllmError(f"the loss is {loss.item()} at step {step}: lower the learning rate (now {config.lr})")
         loss.backward()
@@ -386,7 +390,8 @@ def repeat_accuracy(model: GPT, tokens: torch.Tensor, n: int = 32, length: int =
     starts = torch.randint(len(tokens) - length, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
     passages = torch.stack([tokens[s:s + length] for s in starts])  # (n, length)
     x = torch.cat([passages, passages], dim=1).to(next(model.parameters()).device)  # (n, 2 * length)
-    logits, _ = model(x[:, :-1])  # (n, 2 * length - 1, vocab)
+    with autocast_context(x.device):
+        logits, _ = model(x[:, :-1])  # (n, 2 * length - 1, vocab)
     hits = (logits.argmax(-1) == x[:, 1:]).float()  # (n, 2 * length - 1): position t predicts token t + 1
     model.train(was_training)
     # the first copy's own tokens, and the second copy's after its first (which no copying can predict)
@@ -464,16 +469,55 @@ def exact_match(model: GPT, tokenizer: Tokenizer, conversations, template=chat_p
     return {"accuracy": sum(hits) / len(hits), "predictions": predictions}
 
 
+@torch.no_grad()
+def choice_accuracy(model: GPT, tokenizer: Tokenizer, conversations) -> dict:
+    """Accuracy when the model only has to choose, not to spell: for each conversation, the
+    speaker of its excerpt whose name (with <|end|>) the model finds most probable as the reply,
+    scored as the masked loss of that reply summed over its tokens. {"accuracy", "choices"}"""
+    model.eval()
+    device, pad_id = next(model.parameters()).device, tokenizer.special_ids[BEGIN]
+    choices = []
+    for conversation in conversations:
+        names = list(dict.fromkeys(speakers_in(conversation)))
+        replies = [render_conversation(tokenizer, conversation[:-1] + [{"role": "assistant", "content": name}])
+                   for name in names]
+        x, y = (t.to(device) for t in collate([training_pair(*reply, model.config.block_size) for reply in replies],
+                                               pad_id))  # (candidates, T) each
+        with autocast_context(device):
+            logits, _ = model(x)  # (candidates, T, vocab)
+        nats = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none")  # (candidates, T)
+        choices.append(names[nats.sum(1).argmin().item()])
+    hits = [choice == c[-1]["content"] for choice, c in zip(choices, conversations)]
+    return {"accuracy": sum(hits) / len(hits), "choices": choices}
+
+
+def speaker_order(conversation) -> tuple[str, str]:
+    """Who spoke when, without the names: the excerpt's speakers as letters in order of first
+    appearance ("ABAB": two people taking turns), and the answer's letter ("new": nobody of the excerpt)."""
+    letters = {}
+    for speaker in speakers_in(conversation):
+        letters.setdefault(speaker, string.ascii_uppercase[len(letters)])
+    return "".join(map(letters.get, speakers_in(conversation))), letters.get(conversation[-1]["content"], "new")
+
+
 def baselines(train_conversations, val_conversations) -> dict:
-    """Two answers without a model: always the most frequent train answer (trivial), and the
-    speaker from two turns back (dialogue often alternates between two people)."""
-    counts = {}
+    """Three answers without a model: always the most frequent train answer (trivial), the
+    speaker from two turns back (dialogue often alternates between two people), and the order
+    rule: the best that who-spoke-when alone can tell, the letter that the train answers of
+    each speaker order take most often (two turns back for an order train never shows)."""
+    most_frequent = Counter(c[-1]["content"] for c in train_conversations).most_common(1)[0][0]
+    votes = {}
     for c in train_conversations:
-        counts[c[-1]["content"]] = counts.get(c[-1]["content"], 0) + 1
-    most_frequent = max(counts, key=counts.get)
+        order, letter = speaker_order(c)
+        votes.setdefault(order, Counter())[letter] += 1
+    order_rule = {order: counts.most_common(1)[0][0] for order, counts in votes.items()}
     answers = [c[-1]["content"] for c in val_conversations]
+    orders = [speaker_order(c) for c in val_conversations]
+    by_order = [order_rule.get(order, order[-2]) == letter for order, letter in orders]
     return {
         "most_frequent": most_frequent,
         "most_frequent_accuracy": sum(a == most_frequent for a in answers) / len(answers),
         "two_back_accuracy": sum(speakers_in(c)[-2] == a for c, a in zip(val_conversations, answers)) / len(answers),
+        "order_rule": order_rule,
+        "order_rule_accuracy": sum(by_order) / len(by_order),
     }

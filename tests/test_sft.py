@@ -14,9 +14,9 @@ from lilllm.config import ModelConfig
 from lilllm.data import load_text, train_val_split
 from lilllm.model import GPT
 from lilllm.sft import (IGNORE_INDEX, QUESTION, answer_in_excerpt, baselines, build_chat_dataset, chat_prompt,
-                        collate, copy_drill_batch, copying_conversations, disguise_speakers, excerpt_turns,
-                        invented_names, load_conversations, next_speaker_conversations, parse_turns,
-                        render_conversation, repeat_accuracy, speakers_in, training_pair)
+                        choice_accuracy, collate, copy_drill_batch, copying_conversations, disguise_speakers,
+                        excerpt_turns, invented_names, load_conversations, next_speaker_conversations, parse_turns,
+                        render_conversation, repeat_accuracy, speaker_order, speakers_in, training_pair)
 from lilllm.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer.train("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ?!.,:'<|>\n")
@@ -140,8 +140,29 @@ def test_next_speaker_conversations_ask_for_the_speaker_after_the_excerpt():
     assert reply == {"role": "assistant", "content": "B"}
     conversation = [user, reply]
     assert speakers_in(conversation) == ["A", "B", "A", "C"]
-    assert baselines([conversation], [conversation]) == {"most_frequent": "B", "most_frequent_accuracy": 1.0,
-                                                         "two_back_accuracy": 0.0}
+    base = baselines([conversation], [conversation])
+    assert (base["most_frequent"], base["most_frequent_accuracy"], base["two_back_accuracy"]) == ("B", 1.0, 0.0)
+
+
+def excerpt(speakers, answer):
+    """A "who speaks next?" conversation: these speakers in turn, then the answer."""
+    shown = "\n\n".join(f"{name}:\nline {'abcd'[i]}" for i, name in enumerate(speakers))
+    return [{"role": "user", "content": f"{shown}\n\n{QUESTION}"}, {"role": "assistant", "content": answer}]
+
+
+def test_speaker_order_keeps_who_spoke_when_and_drops_the_names():
+    assert speaker_order(excerpt(["X", "Y", "X", "Z"], "Y")) == ("ABAC", "B")
+    assert speaker_order(excerpt(["P", "Q", "R", "Q"], "S")) == ("ABCB", "new")
+
+
+def test_the_order_rule_learns_each_order_from_train_and_falls_back_to_two_back():
+    train = [excerpt(["X", "Y", "X", "Z"], "Y")] * 2 + [excerpt(["U", "V", "U", "W"], "U")]  # ABAC → B, 2 to 1
+    val = [excerpt(["K", "L", "K", "M"], "L"),  # ABAC: the rule says B (right), two back says A (wrong)
+           excerpt(["K", "L", "M", "L"], "M"),  # ABCB, never in train: two back, M (right)
+           excerpt(["K", "L", "M", "N"], "O")]  # nobody of the excerpt: both wrong
+    base = baselines(train, val)
+    assert base["order_rule"] == {"ABAC": "B"}
+    assert (base["order_rule_accuracy"], base["two_back_accuracy"]) == (2 / 3, 1 / 3)
 
 
 def test_dataset_is_deterministic_and_its_val_part_comes_from_the_val_split_only(tmp_path):
@@ -242,6 +263,23 @@ def chat_files(tmp_path_factory):
         files[split].write_text("".join(json.dumps(c) + "\n" for c in next_speaker_conversations(text)
                                         if len(render_conversation(tokenizer, c["messages"])[0]) <= 129))
     return files
+
+
+def test_choice_accuracy_picks_the_excerpt_speaker_whose_reply_the_model_finds_most_probable():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=TOKENIZER.vocab_size, block_size=96, d_model=32, n_layers=1, n_heads=2,
+                            n_kv_heads=2))
+    conversations = [excerpt(["ANN", "BO", "ANN", "CYD"], "BO"), excerpt(["DEE", "ED", "FLO", "ED"], "FLO")]
+    scores = choice_accuracy(model, TOKENIZER, conversations)
+    for conversation, choice in zip(conversations, scores["choices"]):
+        nats = {}
+        for name in dict.fromkeys(speakers_in(conversation)):  # one candidate at a time: no padding
+            reply = render_conversation(TOKENIZER, conversation[:-1] + [{"role": "assistant", "content": name}])
+            x, y = (torch.tensor([t]) for t in training_pair(*reply, 96))
+            _, loss = model(x, y)  # the mean over the reply's tokens
+            nats[name] = loss.item() * (y != IGNORE_INDEX).sum().item()
+        assert choice == min(nats, key=nats.get)
+    assert scores["accuracy"] == sum(c == conv[-1]["content"] for c, conv in zip(scores["choices"], conversations)) / 2
 
 
 def test_finetune_writes_a_checkpoint_that_names_its_template(chat_files, tmp_path):
