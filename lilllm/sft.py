@@ -28,7 +28,9 @@
    induction heads); after a few thousand drill steps it can, and the answers are names to copy.
 6. Fine-tuning from a checkpoint with the trainer's optimizer, schedule, clipping and
    checkpoint format; the checkpoint names its chat template, so `lilllm chat` uses it.
-7. Evaluation: exact-match accuracy of greedy answers, generated with `lilllm.sampling`.
+7. Evaluation: exact-match accuracy of greedy answers, generated with `lilllm.sampling`; the
+   choice among the excerpt's speakers by likelihood (spelling aside); and answers without a
+   model, among them the order rule, the best that who-spoke-when alone can tell.
 """
 
 import json
@@ -494,10 +496,10 @@ def choice_accuracy(model: GPT, tokenizer: Tokenizer, conversations) -> dict:
 def speaker_order(conversation) -> tuple[str, str]:
     """Who spoke when, without the names: the excerpt's speakers as letters in order of first
     appearance ("ABAB": two people taking turns), and the answer's letter ("new": nobody of the excerpt)."""
-    letters = {}
-    for speaker in speakers_in(conversation):
+    speakers, letters = speakers_in(conversation), {}
+    for speaker in speakers:
         letters.setdefault(speaker, string.ascii_uppercase[len(letters)])
-    return "".join(map(letters.get, speakers_in(conversation))), letters.get(conversation[-1]["content"], "new")
+    return "".join(map(letters.get, speakers)), letters.get(conversation[-1]["content"], "new")
 
 
 def baselines(train_conversations, val_conversations) -> dict:
