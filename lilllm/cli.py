@@ -1,11 +1,14 @@
-"""The `lilllm` command line. Each subcommand is a thin wrapper over a lilllm function;
-a LilllmError (bad input) is printed as one line and exits with status 2."""
+"""The `lilllm` command line: argparse only. Each subcommand is a thin wrapper over a lilllm
+function; a LilllmError (bad input) is printed as one line and exits with status 2. Every
+option is spelt with dashes (--vocab-size, and the training settings --out-dir=...)."""
 
 import argparse
 import sys
 
 from lilllm import LilllmError
+from lilllm.sft import CopyDrill, Finetune
 from lilllm.tokenizer import DEFAULT_VOCAB_SIZE
+from lilllm.train import RECIPES
 
 
 def cmd_env(args) -> int:
@@ -27,27 +30,17 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_bench_tokenizer(args) -> int:
-    import json
+    from lilllm.bench import bench_tokenizer, print_tokenizer
 
-    from lilllm.data import load_text, train_val_split
-    from lilllm.tokenizer import benchmark
-
-    text = load_text()
-    train, _ = train_val_split(text)
-    result = benchmark(train, text, args.vocab_size, args.repeats)
-    print(f"training a {result['vocab_size']:,}-token BPE on the train split: {result['train_s']:.2f} s")
-    print(f"encoding the corpus ({result['megabytes']:.2f} MB, {result['tokens']:,} tokens) in one call, best of {args.repeats}:")
-    print(f"  tokenizers {result['hf_mb_s']:6.2f} MB/s")
-    print(f"  tiktoken   {result['tiktoken_mb_s']:6.2f} MB/s  ({result['speedup']}x faster)")
-    print(f"  identical ids: {'yes' if result['ids_identical'] else 'NO'}")
-    print(json.dumps(result))
+    result = bench_tokenizer(args.vocab_size, args.repeats)
+    print_tokenizer(result)
     return 0 if result["ids_identical"] else 1
 
 
 def cmd_train(args) -> int:
     from lilllm.train import make_config, train
 
-    config = make_config(args.preset, args.settings, args.config)
+    config = make_config(args.recipe, args.settings, args.config)
     result = train(config, resume=args.resume)
     return 130 if result.summary["interrupted"] else 0
 
@@ -62,17 +55,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench_pretrain(args) -> int:
-    import json
+    from lilllm.bench import bench_pretrain, print_pretrain
 
-    from lilllm.train import bench_pretrain
-
-    result = bench_pretrain(args.long, args.steps, args.device)
-    print(f"matmul throughput: {result['matmul_flops'] / 1e9:.0f} GFLOP/s")
-    print(f"{'recipe':<12} {'val bpb':>8} {'best bpb':>8} {'steps':>7} {'train s':>8} {'bytes/s':>9} {'MFU':>6}")
-    for name, run in result["runs"].items():
-        print(f"{name:<12} {run['val_bpb']:8.4f} {run['best_val_bpb']:8.4f} {run['step']:7,} {run['train_time_s']:8.1f} "
-              f"{run['bytes_per_s']:9,.0f} {run['mfu']:6.1%}")
-    print(json.dumps(result["line"]))
+    print_pretrain(bench_pretrain(args.long, args.steps, args.device))
     return 0
 
 
@@ -85,13 +70,14 @@ def _sampling_options(args) -> dict:
 
 
 def cmd_sample(args) -> int:
-    from lilllm.sampling import encode_prompt, generate, stop_ids_of, stream
-    from lilllm.train import load_model_and_tokenizer
+    from lilllm.chat import stop_ids
+    from lilllm.checkpoint import load_model
+    from lilllm.sampling import encode_prompt, generate, stream
 
     options = _sampling_options(args)
-    model, tokenizer, _ = load_model_and_tokenizer(args.checkpoint, args.device)
+    model, tokenizer, _ = load_model(args.checkpoint, args.device)
     prompt = encode_prompt(tokenizer, args.prompt)
-    options["stop_ids"] = stop_ids_of(tokenizer)
+    options["stop_ids"] = stop_ids(tokenizer)
     if args.stream:
         for piece in stream(model, tokenizer, prompt, args.max_new_tokens, **options):
             print(piece, end="", flush=True)
@@ -102,13 +88,14 @@ def cmd_sample(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from lilllm.sampling import chat_template, stop_ids_of, stream
-    from lilllm.train import load_model_and_tokenizer
+    from lilllm.chat import chat_template, stop_ids
+    from lilllm.checkpoint import load_model
+    from lilllm.sampling import stream
 
     options = _sampling_options(args)
-    model, tokenizer, state = load_model_and_tokenizer(args.checkpoint, args.device)
+    model, tokenizer, state = load_model(args.checkpoint, args.device)
     template = chat_template(args.template or state.get("chat_template", "plain"))
-    options["stop_ids"] = stop_ids_of(tokenizer)
+    options["stop_ids"] = stop_ids(tokenizer)
     interactive = sys.stdin.isatty()
     if interactive:
         print("type a message and press Enter; Ctrl-D ends the chat")
@@ -140,8 +127,10 @@ def cmd_chat(args) -> int:
 def cmd_sft(args) -> int:
     from pathlib import Path
 
-    from lilllm.sft import COPY_STEPS, chat_dataset, finetune, load_conversations, teach_copying
-    from lilllm.train import pretrained_checkpoint
+    from lilllm.chat import load_conversations
+    from lilllm.course import pretrained_checkpoint
+    from lilllm.next_speaker import chat_dataset
+    from lilllm.sft import COPY_STEPS, finetune, teach_copying
 
     init = args.init or pretrained_checkpoint()
     train_file, val_file = args.data, args.val
@@ -155,28 +144,18 @@ def cmd_sft(args) -> int:
     if copy_steps > 0:
         print(f"the copy drill, {copy_steps} steps, then fine-tuning (--copy-steps 0 skips the drill)")
         init = teach_copying(init, steps=copy_steps, out_dir=Path(args.out) / "copy-drill", device=args.device).checkpoint
-    result = finetune(init, train_file, val_file, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      loss_on=args.loss_on, out_dir=args.out, device=args.device)
+    changes = {name: getattr(args, name) for name in ("steps", "batch_size", "lr", "loss_on")
+               if getattr(args, name) is not None}
+    result = finetune(init, train_file, val_file, out_dir=args.out, device=args.device, **changes)
     print(f"wrote {result.checkpoint}; talk to it with: lilllm chat {result.checkpoint} --temperature 0")
     return 0
 
 
 def cmd_bench_generate(args) -> int:
-    import json
+    from lilllm.bench import bench_generate, print_generate
+    from lilllm.runtime import pick_device
 
-    from lilllm.env import pick_device
-    from lilllm.sampling import bench_generate
-
-    result = bench_generate(args.lengths, args.prompt_len, device=pick_device(args.device), repeats=args.repeats)
-    line = result["line"]
-    print(f"the default model (context {line['block_size']} tokens), greedy, after a {line['prompt_len']}-token prompt:")
-    print(f"{'new tokens':>10} {'cached tok/s':>13} {'uncached tok/s':>15} {'speed-up':>9}")
-    for row in result["rows"]:
-        print(f"{row['new_tokens']:>10,} {row['cached_tokens_s']:>13,.0f} {row['uncached_tokens_s']:>15,.0f} "
-              f"{row['speedup']:>8.1f}x")
-    print(f"KV cache (fp32): {result['cache_bytes_per_token']:,} bytes per token, "
-          f"{line['cache_bytes_full'] / 2**10:,.0f} KiB for a full context")
-    print(json.dumps(line))
+    print_generate(bench_generate(args.lengths, args.prompt_len, device=pick_device(args.device), repeats=args.repeats))
     return 0
 
 
@@ -207,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_pretrain.add_argument("--steps", type=int, help="shorten the nanoGPT run to this many steps (a quick check)")
     bench_pretrain.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     bench_pretrain.set_defaults(run=cmd_bench_pretrain)
-    bench_generate = bench.add_parser("generate", help="tokens/s of generation with and without the KV cache")
+    bench_generate = bench.add_parser("generate", help="tokens/s of generation with and without the KV cache, "
+                                                       "for the tiny recipe's model and the default config")
     bench_generate.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512, 1024], metavar="N",
                                 help="numbers of new tokens to time (default: 64 256 512 1024)")
     bench_generate.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: 16)")
@@ -215,13 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_generate.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     bench_generate.set_defaults(run=cmd_bench_generate)
 
-    train = commands.add_parser("train", help="pretrain a model (a preset, changed with --key=value settings)",
-                                epilog="settings: any TrainConfig field as --key=value (--lr=3e-4, --steps=500), "
-                                       "model fields as --model.key=value (--model.d_model=192); "
-                                       "run under `torchrun --nproc_per_node=N` for several processes")
-    train.add_argument("preset", nargs="?", default="tiny", help="tiny (default), nanogpt-cpu or long")
+    train = commands.add_parser("train", help="pretrain a model (a recipe, changed with --key=value settings)",
+                                epilog="settings: any TrainConfig field as --key=value (--lr=3e-4, --steps=500, "
+                                       "--out-dir=runs/mine), model fields as --model.key=value "
+                                       "(--model.d-model=192); run under `torchrun --nproc_per_node=N` for several "
+                                       "processes")
+    train.add_argument("recipe", nargs="?", default="tiny", help=f"{', '.join(RECIPES)} (default: tiny)")
     train.add_argument("--config", metavar="FILE", help="a JSON file of settings, applied before --key=value ones")
-    train.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last.pt")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
     train.set_defaults(run=cmd_train, takes_settings=True)
 
     evaluate = commands.add_parser("eval", help="score a checkpoint on the val split, in bits per byte")
@@ -252,12 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--val", metavar="FILE.jsonl", help="val conversations for the val loss (default: the built set's, "
                                                          "without --data; else none)")
     sft.add_argument("--copy-steps", type=int, metavar="N", help="steps of the copy drill before fine-tuning, 0 for "
-                                                                 "none (default: lilllm.sft.COPY_STEPS)")
-    sft.add_argument("--steps", type=int, default=2000, help="(default: 2000)")
-    sft.add_argument("--batch-size", type=int, default=16, help="conversations per step (default: 16)")
-    sft.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
-    sft.add_argument("--loss-on", choices=("assistant", "all"), default="assistant",
-                     help="assistant: the SFT loss (default); all: every token (an ablation)")
+                                                                 f"none (default: {CopyDrill.steps})")
+    sft.add_argument("--steps", type=int, help=f"(default: {Finetune.steps})")
+    sft.add_argument("--batch-size", type=int, help=f"conversations per step (default: {Finetune.batch_size})")
+    sft.add_argument("--lr", type=float, help=f"peak learning rate (default: {Finetune.lr})")
+    sft.add_argument("--loss-on", choices=("assistant", "all"),
+                     help=f"assistant: the SFT loss; all: every token, an ablation (default: {Finetune.loss_on})")
     sft.add_argument("--out", default="runs/sft", help="output folder, overwritten (default: runs/sft)")
     sft.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     sft.set_defaults(run=cmd_sft)

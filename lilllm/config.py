@@ -12,6 +12,7 @@ builds a GELU MLP in layer 0 and the model-wide kind (SwiGLU) in layer 1.
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from lilllm import LilllmError
@@ -57,6 +58,7 @@ class MoEConfig:
     bias_update_rate: float = 1e-3  # u, the bias step per optimizer step (balance="aux_free")
 
     def __post_init__(self):
+        check_finite("moe.", dataclasses.asdict(self))
         for name in ("n_experts", "top_k"):
             _check_positive_int(f"moe.{name}", getattr(self, name))
         if self.expert_hidden is not None:
@@ -88,6 +90,7 @@ class PLGAConfig:
     dag_glm: float = 0.0
 
     def __post_init__(self):
+        check_finite("plga.", dataclasses.asdict(self))
         for name in ("a_dff", "n_units", "n_glu"):
             _check_positive_int(f"plga.{name}", getattr(self, name))
         if self.a_dff_depth is not None:
@@ -145,6 +148,7 @@ class ModelConfig:
         return LayerSpec(attention=spec.attention or self.attention, ffn=spec.ffn or self.ffn)
 
     def _validate(self):
+        check_finite("", {field.name: getattr(self, field.name) for field in dataclasses.fields(self)})
         for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "n_kv_heads"):
             _check_positive_int(name, getattr(self, name))
         if self.ffn_hidden is not None:
@@ -202,10 +206,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: known keys are {', '.join(sorted(known))}")
+        check_keys(cls, values, "the model config")
         if "vocab_size" not in values:
             raise ConfigError("vocab_size is missing: pass the tokenizer's vocabulary size")
         return cls(**values)
@@ -257,21 +258,31 @@ def _layer_spec(entry, index: int) -> LayerSpec:
         return entry
     if not isinstance(entry, dict):
         raise ConfigError(f"layers[{index}] must be a dict such as {{'ffn': 'gelu'}}, got {entry!r}")
-    known = {field.name for field in dataclasses.fields(LayerSpec)}
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        raise ConfigError(f"layers[{index}] has unknown key(s) {', '.join(unknown)}: "
-                          f"a layer may override {', '.join(sorted(known))}")
+    check_keys(LayerSpec, entry, f"layers[{index}]")
     return LayerSpec(**entry)
 
 
 def _nested(cls, values: dict, name: str):
     """A nested settings dataclass (such as MoEConfig) from a plain dict."""
-    known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{name} has unknown key(s) {', '.join(unknown)}: known keys are {', '.join(sorted(known))}")
+    check_keys(cls, values, name)
     return cls(**values)
+
+
+def check_keys(cls, values: dict, where: str) -> None:
+    """Refuse keys that are not fields of the dataclass `cls`, naming the known ones (every
+    settings reader uses this: model configs, their nested parts, training settings)."""
+    known = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where} has unknown key(s) {', '.join(unknown)}: known keys are {', '.join(known)}")
+
+
+def check_finite(where: str, values: dict) -> None:
+    """Refuse NaN and infinity among the numbers of a config: they pass every `>` check
+    (inf) or none (NaN) and would only show up later, as a NaN loss."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}{name}={value} is not a finite number")
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -4,9 +4,7 @@ under data/ and rebuilt when absent or stale; random (x, y) training batches."""
 
 import hashlib
 import json
-import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import numpy as np
 import torch
 
 from lilllm import LilllmError
-from lilllm.env import REPO_ROOT
+from lilllm.runtime import REPO_ROOT, import_datasets, write_atomically
 from lilllm.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer, load_tokenizer, train_tokenizer
 
 DATA_DIR = REPO_ROOT / "data"
@@ -80,36 +78,18 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def _datasets():
-    """The `datasets` module, imported when first needed (it takes a second). Importing it loads
-    tqdm.auto, which warns in Jupyter when ipywidgets is absent; lilllm shows no bars there."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="IProgress not found")
-        import datasets
-    return datasets
-
-
 def _as_documents(documents):
     """A datasets.Dataset with a "text" column, from a string, a list of strings or a Dataset."""
-    datasets = _datasets()
+    datasets = import_datasets()
     if isinstance(documents, datasets.Dataset):
         return documents
     return datasets.Dataset.from_dict({"text": [documents] if isinstance(documents, str) else list(documents)})
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Call write(file) on a temporary file, then rename it to `path`, so a reader (or a
-    second process preparing the same data) never sees a half-written file."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "wb") as file:
-        write(file)
-    os.replace(temp, path)
-
-
 def prepare_tokens(tokenizer: Tokenizer, train, val, out_dir, progress: bool = False) -> dict:
     """Encode each split (a string, a list of documents or a datasets.Dataset with a "text"
     column) into out_dir/{train,val}.bin, then write meta.json and return it."""
-    datasets = _datasets()
+    datasets = import_datasets()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (datasets.enable_progress_bars if progress else datasets.disable_progress_bars)()
@@ -136,13 +116,13 @@ def prepare_tokens(tokenizer: Tokenizer, train, val, out_dir, progress: bool = F
                 for ids in batch["ids"]:
                     file.write(np.asarray(ids, dtype=dtype).tobytes())
 
-        _write_atomically(out_dir / f"{split}.bin", write)
+        write_atomically(out_dir / f"{split}.bin", write)
         meta[f"{split}_tokens"] = (out_dir / f"{split}.bin").stat().st_size // dtype.itemsize
         meta[f"{split}_bytes"] = sum(encoded["n_bytes"])
         meta[f"{split}_documents"] = len(documents)
     if not meta["train_tokens"] or not meta["val_tokens"]:
         raise LilllmError(f"the {'train' if not meta['train_tokens'] else 'val'} split has no tokens: give a larger corpus")
-    _write_atomically(out_dir / META_FILE, lambda file: file.write(json.dumps(meta, indent=1).encode() + b"\n"))
+    write_atomically(out_dir / META_FILE, json.dumps(meta, indent=1) + "\n")
     return meta
 
 
@@ -177,7 +157,7 @@ def load_corpus(files, text_field: str = "text"):
     """(train, val) documents from local files, offline, with `datasets`: .txt files (one
     document each), .jsonl/.json or .parquet (one document per row, its `text_field`).
     One document splits at 90% of its characters; several, at 90% of the documents."""
-    datasets = _datasets()
+    datasets = import_datasets()
     files = [Path(f) for f in files]
     builders = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
     for f in files:
@@ -189,7 +169,6 @@ def load_corpus(files, text_field: str = "text"):
     if len(kinds) != 1:
         raise LilllmError(f"mixed input formats ({', '.join(sorted(f.suffix for f in files))}): give files of one format")
     builder = kinds.pop()
-    datasets.disable_progress_bars()
     options = {"sample_by": "document"} if builder == "text" else {}
     try:
         documents = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)

@@ -1,44 +1,17 @@
-"""The environment: where the repository is, which device runs the model, and whether
-everything the course needs is installed (`lilllm env`)."""
+"""The environment report (`lilllm env`): is everything the course needs installed, which
+device will run the model, and is the data file intact?"""
 
 import os
 import platform
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 
 import torch
 
 from lilllm import LilllmError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEVICE_ENV_VAR = "LILLLM_DEVICE"
-KNOWN_DEVICES = ("cpu", "cuda", "mps")
-
-
-def pick_device(name: str | torch.device | None = None) -> torch.device:
-    """The device to run on: `name` if given, else $LILLLM_DEVICE, else cuda → mps → cpu."""
-    name = str(name or os.environ.get(DEVICE_ENV_VAR) or "") or None
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    kind = name.split(":")[0]
-    if kind not in KNOWN_DEVICES:
-        raise LilllmError(f"unknown device {name!r}: use one of {', '.join(KNOWN_DEVICES)} (e.g. cuda:1)")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[kind]:
-        raise LilllmError(f"device {name!r} is not available on this machine: use cpu, or unset {DEVICE_ENV_VAR}")
-    return torch.device(name)
-
-
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA (matmuls in bf16, reductions in fp32); fp32 everywhere else."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+from lilllm.data import TINYSHAKESPEARE, verify_text_file
+from lilllm.runtime import DEVICE_ENV_VAR, REPO_ROOT, pick_device
 
 
 @dataclass
@@ -90,8 +63,6 @@ def check_requirements() -> list[Check]:
 
 def environment_report(device: str | None = None) -> list[Check]:
     """Everything `lilllm env` prints: requirements, device, threads, the data file."""
-    from lilllm.data import TINYSHAKESPEARE, verify_text_file  # data depends on env, not the reverse
-
     try:
         checks = check_requirements()
     except LilllmError as err:

@@ -5,7 +5,11 @@ stack of pre-norm blocks, a final norm and an output head over the vocabulary.
     model = GPT(ModelConfig.preset("default", vocab_size=2048))  # or "gpt2"
 
 One class builds both the Llama-style default and the GPT-2-style baseline; the config
-decides every difference (see config.py).
+decides every difference (see config.py). Beside `forward`, the model answers what a
+training loop asks of it (`auxiliary_loss`, `after_optimizer_step`, `layer_metrics`,
+`flops_per_token`) by asking each of its sublayers (layers/sublayer.py). At the end, three
+ways to read a trained model: the nats it gives a text, in one pass or token by token (a
+causality check), and PLGA's deductive outputs.
 """
 
 import math
@@ -20,10 +24,11 @@ from lilllm.layers.attention import CausalSelfAttention, KVCache, LayerCache
 from lilllm.layers.ffn import GeluMLP, SwiGLU
 from lilllm.layers.moe import MoE
 from lilllm.layers.norm import NORMS
-from lilllm.layers.plga import PLGAttention
+from lilllm.layers.plga import DeductiveOutputs, PLGAttention
 from lilllm.layers.rope import rope_angles, sinusoidal_positions
+from lilllm.layers.sublayer import Sublayer
 
-__all__ = ["GPT", "Block", "ModelConfig", "KVCache"]
+__all__ = ["GPT", "Block", "ModelConfig", "KVCache", "IGNORE_INDEX", "summed_cross_entropy"]
 
 # The kinds a config can name (config.py lists the names; a test keeps both in step):
 # each block builds ATTENTIONS[kind](config) and FFNS[kind](config).
@@ -34,6 +39,13 @@ INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix and embedding
 # The layers name their projection back into the residual stream like this; the model
 # shrinks its initialisation (see GPT._init_weights).
 RESIDUAL_PROJECTIONS = ("out_proj", "down")
+IGNORE_INDEX = -100  # a target equal to this is not scored (padding, or tokens the loss leaves out)
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Total nats of `targets` (...,) under `logits` (..., V), in fp32, skipping IGNORE_INDEX:
+    the sum, not the mean, so scores of batches of any shape add up exactly."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class Block(nn.Module):
@@ -95,10 +107,10 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def new_cache(self) -> KVCache:
-        """An empty KV cache for `forward(..., cache=...)`. An attention that keeps more
-        than keys and values (PLGA) makes its own layer cache with `new_cache()`."""
+        """An empty KV cache for `forward(..., cache=...)`: each attention layer makes its
+        own (PLGA keeps more than keys and values)."""
         cache = KVCache(self.config.n_layers)
-        cache.layers = [getattr(block.attn, "new_cache", LayerCache)() for block in self.blocks]
+        cache.layers = [block.attn.new_cache() for block in self.blocks]
         return cache
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
@@ -108,6 +120,10 @@ class GPT(nn.Module):
         auxiliary training terms of the layers that have them (see `_auxiliary_loss`).
         With a cache, ids are the new tokens only, at positions cache.position onwards."""
         B, T = ids.shape
+        if ids.numel() and not 0 <= ids.min().item() <= ids.max().item() < self.config.vocab_size:
+            bad = ids.min().item() if ids.min().item() < 0 else ids.max().item()
+            raise LilllmError(f"token id {bad} is outside the model's vocabulary (0 to {self.config.vocab_size - 1}): "
+                              "encode the text with the tokenizer the model was trained with")
         start = cache.position if cache is not None else 0
         x = self.tok_emb(ids)  # (B, T, C)
         cos = sin = None
@@ -133,24 +149,47 @@ class GPT(nn.Module):
         logits = self.head(x if self.config.norm_placement == "post" else self.norm(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-            loss = loss + self._auxiliary_loss()
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+            loss = loss + self.auxiliary_loss()
         return logits, loss
 
-    def _auxiliary_loss(self) -> torch.Tensor | float:
+    # --- what a training loop asks of the model ---------------------------------------------
+
+    def sublayers(self) -> list[Sublayer]:
+        """Every block's attention and feed-forward layer, in order."""
+        return [layer for block in self.blocks for layer in (block.attn, block.ffn)]
+
+    def auxiliary_loss(self) -> torch.Tensor | float:
         """The sum of the extra training terms of the last forward pass (e.g. a mixture of
-        experts' balance loss). A layer reports its terms, already weighted, from a method
-        `auxiliary_losses() -> {name: tensor}`; each name is averaged over the layers that
-        report it, so the weight does not grow with depth. The terms are kept, detached, in
-        `last_auxiliary` for the log."""
+        experts' balance loss), as the sublayers report them. Each name is averaged over the
+        layers that report it, so the weight does not grow with depth. The terms are kept,
+        detached, in `last_auxiliary` for the log."""
         terms: dict[str, list[torch.Tensor]] = {}
-        for module in self.modules():
-            if hasattr(module, "auxiliary_losses"):
-                for name, value in module.auxiliary_losses().items():
-                    terms.setdefault(name, []).append(value)
+        for layer in self.sublayers():
+            for name, value in layer.auxiliary_losses().items():
+                terms.setdefault(name, []).append(value)
         means = {name: torch.stack(values).mean() for name, values in terms.items()}
         self.last_auxiliary = {name: value.detach() for name, value in means.items()}
         return sum(means.values(), 0.0)
+
+    def after_optimizer_step(self) -> None:
+        """Let each sublayer update what the optimizer does not own (an MoE's balancing bias)."""
+        for layer in self.sublayers():
+            layer.after_optimizer_step()
+
+    def layer_metrics(self) -> dict[str, float]:
+        """What each layer measures about itself, keyed "name/layer": "maxvio/2" is the MaxVio
+        of layer 2's mixture of experts."""
+        return {f"{name}/{index}": value for index, block in enumerate(self.blocks)
+                for layer in (block.attn, block.ffn) for name, value in layer.metrics().items()}
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, forward + backward (PaLM's estimate, Chowdhery et al.,
+        arXiv 2204.02311): 6 per weight (multiply-add, twice more backward) plus the attention
+        scores and mixing, 12·layers·d_model·block_size. A learned position table is a lookup."""
+        c = self.config
+        n_weights = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("pos_emb."))
+        return 6 * n_weights + 12 * c.n_layers * c.d_model * c.block_size
 
     def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE angles for positions start .. start+T-1. Past block_size (generation with a
@@ -187,3 +226,41 @@ class GPT(nn.Module):
         unused = sum(m.parameter_counts()["total"] - m.parameter_counts()["active"]
                      for m in self.modules() if isinstance(m, MoE))
         return self.parameter_counts()["total"] - unused
+
+
+# --- reading a trained model ---------------------------------------------------------------
+
+@torch.no_grad()
+def one_pass_nats(model: GPT, windows: torch.Tensor) -> float:
+    """Total nats of the targets windows[:, 1:] (windows (B, T + 1)), all scored in one
+    forward pass."""
+    logits, _ = model(windows[:, :-1])  # (B, T, V)
+    return summed_cross_entropy(logits, windows[:, 1:]).item()
+
+
+@torch.no_grad()
+def sequential_nats(model: GPT, windows: torch.Tensor) -> float:
+    """The same total with each target scored from its own prefix alone: one uncached
+    forward pass per position. For a causal model this equals `one_pass_nats`; for a model
+    that peeks at later tokens (PLGA's full Gram) it is the score without the future."""
+    total = 0.0
+    for t in range(1, windows.size(1)):
+        logits, _ = model(windows[:, :t])  # (B, t, V)
+        total += summed_cross_entropy(logits[:, -1], windows[:, t]).item()
+    return total
+
+
+@torch.no_grad()
+def deductive_outputs(model: GPT, ids: torch.Tensor) -> list[DeductiveOutputs | None]:
+    """Run `model` on ids (B, T); per layer, the deductive outputs of its PLGA attention
+    (None where a layer has another kind)."""
+    layers = [block.attn for block in model.blocks]
+    plga = [layer for layer in layers if isinstance(layer, PLGAttention)]
+    for layer in plga:
+        layer.record = True
+    try:
+        model(ids)
+    finally:
+        for layer in plga:
+            layer.record = False
+    return [layer.deduced if isinstance(layer, PLGAttention) else None for layer in layers]

@@ -10,7 +10,8 @@ filters, each a function of its own, in a fixed order (Hugging Face's):
    included; 1 switches it off.
 
 Then one draw from the softmax of what is left, with a seeded `torch.Generator`. Greedy
-decoding (T = 0 or k = 1) takes the argmax and draws nothing.
+decoding (T = 0 or k = 1) takes the argmax and draws nothing. Every function checks its own
+settings: called directly with a negative temperature or a top-p of 2, it says so.
 
 Generating (`generate_tokens`) runs the prompt through the model once ("prefill") into a
 KV cache, then feeds one new token per step. Past the model's context (`block_size`) the
@@ -22,15 +23,13 @@ recomputes, for comparison. `stream` yields the text as it comes, never half a c
 """
 
 import codecs
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from lilllm import LilllmError
-from lilllm.config import ModelConfig
-from lilllm.env import autocast_context
 from lilllm.model import GPT
+from lilllm.runtime import autocast_context
 
 # --- choosing the next token --------------------------------------------------------------
 
@@ -47,11 +46,17 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0)
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """logits / T, in fp32 (a tiny T would overflow fp16 or bf16). T must be > 0."""
+    check_sampling(temperature=temperature)
+    if temperature == 0:
+        raise LilllmError("temperature=0 means greedy: take the argmax (sample_next does) instead of dividing by 0")
     return logits.float() / temperature
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k highest logits (and any tied with the k-th), set the others to -inf."""
+    check_sampling(top_k=k)
+    if k == 0:
+        raise LilllmError("top_k=0 switches top-k off: skip the filter (process_logits does) instead of keeping 0 tokens")
     k = min(k, logits.size(-1))
     kth_highest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
     return logits.masked_fill(logits < kth_highest, float("-inf"))
@@ -60,6 +65,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the most likely tokens until their probabilities add up to at least p (the
     token that crosses p is kept, so at least one token always is); -inf elsewhere."""
+    check_sampling(top_p=p)
     sorted_logits, _ = torch.sort(logits, dim=-1, descending=True)  # (..., V)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
@@ -77,6 +83,7 @@ def is_greedy(temperature: float, top_k: int) -> bool:
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Temperature, then top-k, then top-p (each skipped at its neutral value). The result's
     softmax is the distribution `sample_next` draws from. Needs temperature > 0."""
+    check_sampling(temperature, top_k, top_p)
     if temperature != 1:
         logits = apply_temperature(logits, temperature)
     if top_k:
@@ -90,6 +97,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """The next token id for each row of logits (..., V) → (...). Greedy takes the argmax
     and draws no random number; otherwise one draw from the processed distribution."""
+    check_sampling(temperature, top_k, top_p)
     if is_greedy(temperature, top_k):
         return logits.argmax(dim=-1)
     probs = process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (..., V)
@@ -187,86 +195,3 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     if not text:
         raise LilllmError("the prompt is empty: give some text to continue from")
     return tokenizer.encode(text)
-
-
-def stop_ids_of(tokenizer) -> list[int]:
-    """End of text and end of turn: where a document or a chat reply ends."""
-    return [tokenizer.special_ids["<|endoftext|>"], tokenizer.special_ids["<|end|>"]]
-
-
-# --- chat ---------------------------------------------------------------------------------
-# A chat template turns a conversation, a list of {"role": ..., "content": ...} messages,
-# into the prompt ids the model continues with the assistant's reply. Templates are
-# looked up by name; a checkpoint fine-tuned for chat names its own.
-
-
-def plain_chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """No template: the messages' texts one after another, so a pretrained model simply
-    continues the conversation as text."""
-    return tokenizer.encode("".join(message["content"] for message in messages))
-
-
-def lilllm_chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """The template `lilllm sft` trains with: <|endoftext|>, then <|role|> text <|end|> per
-    message, then <|assistant|> for the reply (defined in lilllm.sft, beside its loss mask)."""
-    from lilllm.sft import chat_prompt  # imported when used: lilllm.sft generates through this module
-
-    return chat_prompt(tokenizer, messages)
-
-
-CHAT_TEMPLATES: dict[str, Callable] = {"plain": plain_chat_prompt, "lilllm": lilllm_chat_prompt}
-
-
-def chat_template(name: str) -> Callable:
-    """The chat template called `name`."""
-    if name not in CHAT_TEMPLATES:
-        raise LilllmError(f"unknown chat template {name!r}: choose one of {', '.join(CHAT_TEMPLATES)}")
-    return CHAT_TEMPLATES[name]
-
-
-# --- the benchmark: tokens per second with and without the KV cache -----------------------
-
-
-def cache_bytes(config: ModelConfig, n_positions: int, bytes_per_value: int = 4) -> int:
-    """Memory of a KV cache holding n_positions: keys and values, in every layer, for
-    n_kv_heads heads of head_dim values each."""
-    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * n_positions * bytes_per_value
-
-
-def bench_generate(lengths=(64, 256, 512, 1024), prompt_len: int = 16, config: ModelConfig | None = None,
-                   device: str = "cpu", repeats: int = 2, seed: int = 0) -> dict:
-    """Greedy generation of each number of new tokens with and without the KV cache, on
-    the course's default model (random weights: speed does not depend on them), the best
-    of `repeats` runs each. Returns tokens per second per length, the speed-ups and the
-    cache's memory."""
-    if not lengths or min(lengths) < 1 or repeats < 1 or prompt_len < 1:
-        raise LilllmError("the benchmark needs lengths ≥ 1 new tokens, a prompt of ≥ 1 token and repeats ≥ 1")
-    config = config or ModelConfig.preset("default", vocab_size=2048)
-    torch.manual_seed(seed)
-    model = GPT(config).to(device).eval()
-    prompt = torch.randint(config.vocab_size, (prompt_len,)).tolist()
-    generate(model, prompt, 8, temperature=0)  # warm-up: first calls allocate
-    rows = []
-    for n in lengths:
-        seconds, ids = {True: [], False: []}, {}
-        for _ in range(repeats):  # alternate the two, keep the best of each: the runs least disturbed by other work
-            for use_cache in (True, False):
-                start = time.perf_counter()
-                ids[use_cache] = generate(model, prompt, n, temperature=0, use_cache=use_cache)
-                seconds[use_cache].append(time.perf_counter() - start)
-        row = {"new_tokens": n, "cached_tokens_s": n / min(seconds[True]), "uncached_tokens_s": n / min(seconds[False])}
-        same = ids[True] == ids[False]
-        # past the context the two attend differently (see the module's docstring): no claim there
-        row["same_tokens"] = same if n + prompt_len <= config.block_size else None
-        row["speedup"] = row["cached_tokens_s"] / row["uncached_tokens_s"]
-        rows.append(row)
-    by_length = {row["new_tokens"]: row for row in rows}
-    line = {  # the figures as one JSON-ready line; keys of the dicts are the numbers of new tokens
-        "block_size": config.block_size, "prompt_len": prompt_len,
-        "tokens_s_cached": {str(n): row["cached_tokens_s"] for n, row in by_length.items()},
-        "tokens_s_uncached": {str(n): row["uncached_tokens_s"] for n, row in by_length.items()},
-        "speedup": {str(n): row["speedup"] for n, row in by_length.items()},
-        "cache_bytes_full": cache_bytes(config, config.block_size),
-        "speedup_512": by_length[512]["speedup"] if 512 in by_length else None,
-    }
-    return {"rows": rows, "cache_bytes_per_token": cache_bytes(config, 1), "line": line}

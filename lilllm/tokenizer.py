@@ -1,7 +1,8 @@
 """Tokenizers: text → token ids → text.
 
 Two kinds behind one interface (`train`, `encode`, `decode`, `decode_bytes`, `save`,
-`vocab_size`, `special_ids`, `fingerprint`; `load_tokenizer` reads either back):
+`vocab_size`, `special_ids`, `fingerprint`; `load_tokenizer` reads either back from a file,
+`tokenizer_from_dict` from the copy every checkpoint carries):
 
 - `CharTokenizer`: one id per character of the training text (nanoGPT's baseline).
 - `BPETokenizer`: a byte-level BPE (GPT-2's recipe). `tokenizers` learns the merges from
@@ -16,9 +17,7 @@ merged with their neighbours.
 import base64
 import hashlib
 import json
-import os
 import re
-import time
 from pathlib import Path
 
 import tiktoken
@@ -26,6 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lilllm import LilllmError
+from lilllm.runtime import write_atomically
 
 # End of text (the separator between documents), the chat roles and end of turn the SFT
 # chapter uses, and spares, so a later use never changes the ids of the others.
@@ -60,6 +60,11 @@ class Tokenizer:
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         raise NotImplementedError
 
+    @property
+    def ordinary_vocab_size(self) -> int:
+        """How many ids are ordinary tokens: the special tokens come after them."""
+        return len(self.token_bytes)
+
     def decode_bytes(self, ids) -> bytes:
         """The raw bytes of `ids`; a multi-byte character may be cut at either end (streaming
         output keeps the bytes until the character is complete)."""
@@ -84,16 +89,13 @@ class Tokenizer:
         canonical = json.dumps(self._content(), sort_keys=True, ensure_ascii=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    def to_dict(self) -> dict:
+        """The tokenizer as JSON-ready data, with its fingerprint (checked when read back)."""
+        return {**self._content(), "fingerprint": self.fingerprint}
+
     def save(self, path) -> Path:
-        """Write the tokenizer as JSON (with its fingerprint, checked on load). The file is
-        written beside and then renamed, so no reader ever sees half of it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        content = {**self._content(), "fingerprint": self.fingerprint}
-        temp.write_text(json.dumps(content, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(temp, path)
-        return path
+        """Write the tokenizer as a JSON file, atomically."""
+        return write_atomically(path, json.dumps(self.to_dict(), ensure_ascii=False) + "\n")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, fingerprint={self.fingerprint!r})"
@@ -240,51 +242,28 @@ def load_tokenizer(path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
         raise LilllmError(f"tokenizer file {path} is missing: train one with `lilllm prepare`")
-    not_ours = f"{path} is not a lilllm tokenizer file"
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LilllmError(f"{not_ours} (not JSON): train one with `lilllm prepare`") from None
+        raise LilllmError(f"{path} is not a lilllm tokenizer file (not JSON): train one with `lilllm prepare`") from None
+    return tokenizer_from_dict(content, where=str(path))
+
+
+def tokenizer_from_dict(content, where: str = "the tokenizer") -> Tokenizer:
+    """The tokenizer `to_dict` described, whichever kind, checking its fingerprint; `where`
+    names its source in errors (a file, a checkpoint)."""
+    retrain = "retrain it with `lilllm prepare`"
     if not isinstance(content, dict) or content.get("format") != FORMAT or content.get("kind") not in TOKENIZERS:
-        raise LilllmError(f"{not_ours}: train one with `lilllm prepare`")
+        raise LilllmError(f"{where} is not a lilllm tokenizer: train one with `lilllm prepare`")
     if content.get("special_tokens") != list(SPECIAL_TOKENS):
-        raise LilllmError(f"{path} has other special tokens than this version of lilllm: retrain it with `lilllm prepare`")
+        raise LilllmError(f"{where} has other special tokens than this version of lilllm: {retrain}")
     try:
         if content["kind"] == "char":
             tokenizer = CharTokenizer(content["chars"])
         else:
             tokenizer = BPETokenizer([base64.b64decode(t, validate=True) for t in content["tokens"]])
     except (KeyError, TypeError, ValueError):
-        raise LilllmError(f"{path} is a corrupt tokenizer file (missing or malformed fields): retrain it with `lilllm prepare`") from None
+        raise LilllmError(f"{where} is a corrupt tokenizer (missing or malformed fields): {retrain}") from None
     if tokenizer.fingerprint != content.get("fingerprint"):
-        raise LilllmError(f"{path} is corrupt: its content does not match its fingerprint; retrain it with `lilllm prepare`")
+        raise LilllmError(f"{where} is corrupt: its content does not match its fingerprint; {retrain}")
     return tokenizer
-
-
-def benchmark(train_text: str, text: str, vocab_size: int, repeats: int = 3) -> dict:
-    """Time training a BPE on `train_text`, then encoding `text` in one call with `tokenizers`
-    and with tiktoken (best of `repeats`); also check that both give the same ids."""
-
-    def best_time(fn):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = fn()
-            times.append(time.perf_counter() - start)
-        return min(times), result
-
-    train_s, hf = best_time(lambda: train_hf_bpe(train_text, vocab_size))
-    tokenizer = BPETokenizer.from_hf(hf)
-    hf_s, hf_ids = best_time(lambda: hf.encode(text).ids)
-    tiktoken_s, tiktoken_ids = best_time(lambda: tokenizer.encode(text))
-    megabytes = len(text.encode()) / 1e6
-    return {
-        "vocab_size": vocab_size,
-        "megabytes": round(megabytes, 3),
-        "tokens": len(tiktoken_ids),
-        "ids_identical": hf_ids == tiktoken_ids,
-        "train_s": round(train_s, 3),
-        "hf_mb_s": round(megabytes / hf_s, 2),
-        "tiktoken_mb_s": round(megabytes / tiktoken_s, 2),
-        "speedup": round(hf_s / tiktoken_s, 1),
-    }

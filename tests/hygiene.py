@@ -84,7 +84,7 @@ def course_problems(notebook_paths: list[Path], public_modules: list[str], curri
     for path in notebook_paths:
         path = Path(path)
         if NAME.match(path.name) and path.stem not in chapters:
-            problems.append(f"{path.name} is not in the curriculum map (lilllm/curriculum.py)")
+            problems.append(f"{path.name} is not in the curriculum map (lilllm/course.py)")
             continue
         if path.stem not in chapters:
             continue
@@ -98,5 +98,5 @@ def course_problems(notebook_paths: list[Path], public_modules: list[str], curri
                 problems.append(f"{path.name} should import {module} (the curriculum map says it teaches it)")
     for module in public_modules:
         if module not in taught:
-            problems.append(f"{module} is not taught by any notebook: add it to a chapter in lilllm/curriculum.py")
+            problems.append(f"{module} is not taught by any notebook: add it to a chapter in lilllm/course.py")
     return problems

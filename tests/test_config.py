@@ -90,7 +90,7 @@ def test_json_round_trip_keeps_every_value_including_the_per_layer_list():
 
 def test_from_dict_rejects_unknown_keys_and_a_missing_vocab_size():
     values = ModelConfig(vocab_size=10).to_dict()
-    with pytest.raises(ConfigError, match="unknown config key.* n_experts: known keys are"):
+    with pytest.raises(ConfigError, match="has unknown key.* n_experts: known keys are"):
         ModelConfig.from_dict({**values, "n_experts": 8})
     del values["vocab_size"]
     with pytest.raises(ConfigError, match="vocab_size is missing"):

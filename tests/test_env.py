@@ -11,7 +11,8 @@ import yaml
 
 from lilllm import LilllmError
 from lilllm.cli import main as cli_main
-from lilllm.env import REPO_ROOT, environment_report, pick_device
+from lilllm.env import environment_report
+from lilllm.runtime import REPO_ROOT, pick_device
 
 
 def test_environment_report_has_no_failures_here():

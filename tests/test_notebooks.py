@@ -9,8 +9,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 import lilllm
-from lilllm.curriculum import CURRICULUM, Chapter
-from lilllm.notebook import NOTEBOOKS_DIR
+from lilllm.course import CURRICULUM, NOTEBOOKS_DIR, Chapter
 from tests.hygiene import course_problems, notebook_problems
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))

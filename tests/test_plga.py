@@ -9,9 +9,8 @@ import torch
 
 from lilllm.config import ConfigError, ModelConfig, PLGAConfig
 from lilllm.layers.attention import CausalSelfAttention
-from lilllm.layers.plga import (PLGAttention, PLGACache, dag_loss, dag_loss_naive, deductive_outputs,
-                                log_trace_expm, one_pass_nats, sequential_nats)
-from lilllm.model import GPT
+from lilllm.layers.plga import PLGAttention, PLGACache, dag_loss, dag_loss_naive, log_trace_expm
+from lilllm.model import GPT, deductive_outputs, one_pass_nats, sequential_nats
 
 TINY = dict(vocab_size=64, block_size=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=None, bias=True,
             attention="plga", norm="layernorm", norm_placement="post")

@@ -14,11 +14,13 @@ import torch
 from lilllm import LilllmError
 from lilllm.cli import main as cli_main
 from lilllm.config import ModelConfig
+from lilllm.bench import bench_generate
+from lilllm.chat import chat_template, plain_prompt, stop_ids
 from lilllm.data import load_text, prepare
+from lilllm.layers.attention import cache_bytes
 from lilllm.model import GPT
-from lilllm.sampling import (apply_temperature, bench_generate, cache_bytes, chat_template, check_prompt,
-                             decode_stream, encode_prompt, generate, generate_tokens, plain_chat_prompt,
-                             process_logits, sample_next, stop_ids_of, stream, top_k_filter, top_p_filter)
+from lilllm.sampling import (apply_temperature, check_prompt, decode_stream, encode_prompt, generate, generate_tokens,
+                             process_logits, sample_next, stream, top_k_filter, top_p_filter)
 from lilllm.tokenizer import BPETokenizer, CharTokenizer
 from lilllm.train import BEST, make_config, train
 
@@ -249,12 +251,12 @@ def test_bad_prompts_and_lengths_are_refused():
     assert check_prompt(torch.tensor([1, 2]), 40) == [1, 2]
 
 
-def test_plain_chat_prompt_and_stop_ids():
+def test_plain_prompt_and_stop_ids():
     tokenizer = CharTokenizer("abc\n")
     messages = [{"role": "user", "content": "ab\n"}, {"role": "assistant", "content": "ca\n"}]
-    assert chat_template("plain") is plain_chat_prompt
-    assert tokenizer.decode(plain_chat_prompt(tokenizer, messages)) == "ab\nca\n"
-    assert stop_ids_of(tokenizer) == [tokenizer.special_ids["<|endoftext|>"], tokenizer.special_ids["<|end|>"]]
+    assert chat_template("plain") is plain_prompt
+    assert tokenizer.decode(plain_prompt(tokenizer, messages)) == "ab\nca\n"
+    assert stop_ids(tokenizer) == [tokenizer.special_ids["<|endoftext|>"], tokenizer.special_ids["<|end|>"]]
 
 
 # --- the benchmark ------------------------------------------------------------------------
@@ -269,11 +271,23 @@ def test_cache_bytes_matches_the_cache():
 
 def test_bench_generate_reports_both_paths():
     config = ModelConfig(vocab_size=64, block_size=32, d_model=32, n_layers=1, n_heads=2)
-    result = bench_generate(lengths=(4, 8, 40), prompt_len=4, config=config)
-    assert [row["new_tokens"] for row in result["rows"]] == [4, 8, 40]
-    assert [row["same_tokens"] for row in result["rows"]] == [True, True, None]
-    assert all(row["cached_tokens_s"] > 0 and row["uncached_tokens_s"] > 0 for row in result["rows"])
-    assert result["line"]["speedup_512"] is None and result["line"]["cache_bytes_full"] == cache_bytes(config, 32)
+    result = bench_generate(lengths=(4, 8, 40), prompt_len=4, configs={"small": config})
+    rows = result["models"]["small"]["rows"]
+    assert [row["new_tokens"] for row in rows] == [4, 8, 40]
+    assert [row["same_tokens"] for row in rows] == [True, True, None]
+    assert all(row["cached_tokens_s"] > 0 and row["uncached_tokens_s"] > 0 for row in rows)
+    line = result["line"]["small"]
+    assert line["speedup_512"] is None and line["cache_bytes_full"] == cache_bytes(config, 32)
+
+
+def test_bench_generate_times_the_model_learners_train_and_the_default():
+    from lilllm.bench import generation_models
+    from lilllm.train import TrainConfig
+
+    models = generation_models(vocab_size=2048)
+    assert models["tiny"] == TrainConfig().model_config(2048)
+    assert models["default"] == ModelConfig(vocab_size=2048)
+    assert (models["tiny"].n_layers, models["tiny"].block_size) == (2, 128)
 
 
 # --- the command line ---------------------------------------------------------------------
@@ -301,11 +315,11 @@ def test_cli_sample_prints_the_seeded_continuation(checkpoint, capsys):
     printed = capsys.readouterr().out
     assert cli_main(args + ["--stream"]) == 0
     assert capsys.readouterr().out == printed
-    from lilllm.train import load_model_and_tokenizer
+    from lilllm.checkpoint import load_model
 
-    model, tokenizer, _ = load_model_and_tokenizer(checkpoint, "cpu")
+    model, tokenizer, _ = load_model(checkpoint, "cpu")
     expected = tokenizer.decode(generate(model, tokenizer.encode("ROMEO:"), 30, temperature=0.8, top_k=20,
-                                         top_p=0.9, seed=5, stop_ids=stop_ids_of(tokenizer)))
+                                         top_p=0.9, seed=5, stop_ids=stop_ids(tokenizer)))
     assert printed == expected + "\n"
 
 
@@ -340,11 +354,13 @@ def test_cli_missing_checkpoint(tmp_path, capsys):
 
 
 def test_cli_bench_generate_ends_with_a_json_line(capsys, monkeypatch):
-    import lilllm.sampling as sampling
+    import lilllm.bench as bench
 
     small = ModelConfig(vocab_size=64, block_size=16, d_model=32, n_layers=1, n_heads=2)
-    monkeypatch.setattr(sampling.ModelConfig, "preset", classmethod(lambda cls, name, **kw: small))
+    monkeypatch.setattr(bench, "generation_models", lambda: {"tiny": small, "default": small})
     assert cli_main(["bench", "generate", "--lengths", "4", "8"]) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["speedup_512"] is None and set(line["tokens_s_cached"]) == {"4", "8"}
-    assert all(math.isfinite(v) and v > 0 for v in line["speedup"].values())
+    lines = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(lines) == {"tiny", "default"}
+    for line in lines.values():
+        assert line["speedup_512"] is None and set(line["tokens_s_cached"]) == {"4", "8"}
+        assert all(math.isfinite(v) and v > 0 for v in line["speedup"].values())

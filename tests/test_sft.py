@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from lilllm import LilllmError
 from lilllm.config import ModelConfig
 from lilllm.data import load_text, train_val_split
-from lilllm.model import GPT
-from lilllm.sft import (IGNORE_INDEX, QUESTION, answer_in_excerpt, baselines, build_chat_dataset, chat_prompt,
-                        choice_accuracy, collate, copy_drill_batch, copying_conversations, disguise_speakers,
-                        excerpt_turns, invented_names, load_conversations, next_speaker_conversations, parse_turns,
-                        render_conversation, repeat_accuracy, speaker_order, speakers_in, training_pair)
+from lilllm.chat import chat_prompt, load_conversations, render_conversation
+from lilllm.model import GPT, IGNORE_INDEX
+from lilllm.next_speaker import (QUESTION, answer_in_excerpt, baselines, build_chat_dataset, choice_accuracy,
+                                 copying_conversations, disguise_speakers, excerpt_turns, invented_names,
+                                 next_speaker_conversations, parse_turns, speaker_order, speakers_in)
+from lilllm.sft import collate, copy_drill_batch, repeat_accuracy, training_pair
 from lilllm.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer.train("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ?!.,:'<|>\n")
@@ -60,8 +61,7 @@ def test_chat_prompt_ends_with_the_assistant_marker_and_prefixes_the_rendered_re
 
 
 def test_the_template_is_registered_for_chat_by_name():
-    from lilllm.sampling import chat_template
-    from lilllm.sft import TEMPLATE_NAME
+    from lilllm.chat import TEMPLATE_NAME, chat_template
 
     assert chat_template(TEMPLATE_NAME)(TOKENIZER, TWO_TURNS[:4]) == chat_prompt(TOKENIZER, TWO_TURNS[:4])
 
@@ -283,8 +283,11 @@ def test_choice_accuracy_picks_the_excerpt_speaker_whose_reply_the_model_finds_m
 
 
 def test_finetune_writes_a_checkpoint_that_names_its_template(chat_files, tmp_path):
-    from lilllm.sft import TEMPLATE_NAME, exact_match, finetune
-    from lilllm.train import load_checkpoint, pretrained_checkpoint, read_metrics
+    from lilllm.chat import TEMPLATE_NAME
+    from lilllm.checkpoint import load_checkpoint
+    from lilllm.course import pretrained_checkpoint
+    from lilllm.sft import exact_match, finetune
+    from lilllm.train import read_metrics
 
     result = finetune(pretrained_checkpoint(), chat_files["train"], chat_files["val"], steps=3, eval_interval=2,
                       eval_conversations=8, out_dir=tmp_path / "sft", log=lambda line: None)
@@ -300,7 +303,8 @@ def test_cli_sft_then_chat_with_the_template(chat_files, tmp_path, monkeypatch, 
     import io
 
     from lilllm.cli import main
-    from lilllm.train import load_checkpoint, pretrained_checkpoint
+    from lilllm.checkpoint import load_checkpoint
+    from lilllm.course import pretrained_checkpoint
 
     out = tmp_path / "sft"
     assert main(["sft", "--init", str(pretrained_checkpoint()), "--data", str(chat_files["train"]), "--steps", "2",

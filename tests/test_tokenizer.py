@@ -204,7 +204,7 @@ def test_tokenizer_file_missing(tmp_path):
 def test_file_that_is_not_a_tokenizer(tmp_path, content):
     path = tmp_path / "tok.json"
     path.write_bytes(content)
-    with pytest.raises(LilllmError, match="is not a lilllm tokenizer file"):
+    with pytest.raises(LilllmError, match="is not a lilllm tokenizer"):
         load_tokenizer(path)
 
 
@@ -217,7 +217,7 @@ def test_corrupt_tokenizer_file(tmp_path):
         load_tokenizer(path)
     del content["chars"]
     path.write_text(json.dumps(content))
-    with pytest.raises(LilllmError, match="corrupt tokenizer file"):
+    with pytest.raises(LilllmError, match="corrupt tokenizer"):
         load_tokenizer(path)
 
 

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from lilllm import LilllmError
 from lilllm.cli import main as cli_main
 from lilllm.config import ModelConfig
-from lilllm.env import REPO_ROOT
+from lilllm.checkpoint import load_checkpoint
 from lilllm.model import GPT
-from lilllm.train import (BEST, LAST, PRESETS, TrainConfig, clip_gradients, evaluate, learning_rate, load_checkpoint,
-                          load_data, make_config, make_optimizer, read_metrics, train)
+from lilllm.runtime import REPO_ROOT
+from lilllm.tokenizer import CharTokenizer
+from lilllm.train import (BEST, LAST, RECIPES, TrainConfig, clip_gradients, evaluate, learning_rate, load_data,
+                          make_config, make_optimizer, read_metrics, train)
 import lilllm.train as train_module
 
 # A model small enough to take a few steps in well under a second.
@@ -38,7 +40,7 @@ def train_losses(out_dir):
 # --- settings ---------------------------------------------------------------------------
 
 def test_presets_build_and_nanogpt_cpu_is_its_recipe():
-    for name in PRESETS:
+    for name in RECIPES:
         make_config(name)
     c = make_config("nanogpt-cpu")
     assert (c.tokenizer, c.model_preset, c.batch_size, c.steps, c.lr, c.min_lr, c.warmup, c.beta2, c.weight_decay) == \
@@ -68,8 +70,8 @@ def test_config_file_then_overrides(tmp_path):
     (["--bogus=1"], "unknown setting --bogus"),
     (["--steps=ten"], r"--steps=ten: expected int"),
     (["--steps=1.5"], r"expected int"),
-    (["--model.width=3"], "unknown model setting --model.width"),
-    (["--model.d_model=wide"], "model.d_model=wide: expected int"),
+    (["--model.width=3"], "unknown setting --model.width"),
+    (["--model.d_model=wide"], "model.d-model=wide: expected int"),
     (["--lr=-1"], "lr=-1.0"),
     (["--clip=sometimes"], "use norm, value or none"),
     (["steps=3"], "write settings as --key=value"),
@@ -80,8 +82,8 @@ def test_bad_settings_are_named(overrides, match):
         make_config("tiny", overrides)
 
 
-def test_bad_preset_and_bad_file(tmp_path):
-    with pytest.raises(LilllmError, match="unknown preset 'huge'"):
+def test_bad_recipe_and_bad_file(tmp_path):
+    with pytest.raises(LilllmError, match="unknown recipe 'huge'"):
         make_config("huge")
     with pytest.raises(LilllmError, match="is missing"):
         make_config("tiny", [], tmp_path / "absent.json")
@@ -146,7 +148,7 @@ def test_a_run_writes_metrics_checkpoints_and_a_plot(small_data, tmp_path):
     assert files == ["best.pt", "config.json", "last.pt", "loss.png", "metrics.jsonl"]
     state = torch.load(tmp_path / "run" / LAST, weights_only=True)  # plain tensors and values only
     assert state["step"] == 6 and json.loads(state["train_config"])["steps"] == 6
-    assert state["tokenizer_fingerprint"] == load_data(small_config(small_data, tmp_path)).tokenizer.fingerprint
+    assert json.loads(state["tokenizer"])["fingerprint"] == load_data(small_config(small_data, tmp_path)).tokenizer.fingerprint
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records if r["split"] == "val"] == [3, 6]
     assert result.summary["val_bpb"] == records[-1]["bpb"] and result.summary["step"] == 6
@@ -191,7 +193,7 @@ def test_resume_refuses_another_model_recipe_or_tokenizer(small_data, tmp_path):
     with pytest.raises(LilllmError, match=r"other settings \(lr differ\)"):
         train(small_config(small_data, tmp_path, "--lr=1e-2"), resume=True, progress=False)
     state = torch.load(tmp_path / LAST, weights_only=True)
-    state["tokenizer_fingerprint"] = "0123456789abcdef"
+    state["tokenizer"] = json.dumps(CharTokenizer.train("another text").to_dict())
     torch.save(state, tmp_path / LAST)
     with pytest.raises(LilllmError, match="another tokenizer"):
         train(small_config(small_data, tmp_path, "--steps=8"), resume=True, progress=False)
@@ -253,10 +255,10 @@ def test_cli_errors_are_one_line(small_data, tmp_path, capsys):
 
 def test_cli_bench_pretrain_runs_both_recipes(capsys, monkeypatch):
     """The harness, shortened: two nanoGPT steps, then the default recipe for that time."""
-    monkeypatch.setitem(PRESETS, "tiny", {**PRESETS["tiny"], "model": {"block_size": 16, "d_model": 32,
+    monkeypatch.setitem(RECIPES, "tiny", {**RECIPES["tiny"], "model": {"block_size": 16, "d_model": 32,
                                                                        "n_layers": 1, "n_heads": 2}})
-    monkeypatch.setitem(PRESETS, "nanogpt-cpu", {**PRESETS["nanogpt-cpu"], "model": {
-        **PRESETS["nanogpt-cpu"]["model"], "d_model": 32, "n_layers": 1, "block_size": 16}})
+    monkeypatch.setitem(RECIPES, "nanogpt-cpu", {**RECIPES["nanogpt-cpu"], "model": {
+        **RECIPES["nanogpt-cpu"]["model"], "d_model": 32, "n_layers": 1, "block_size": 16}})
     assert cli_main(["bench", "pretrain", "--steps=2"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(line) == sorted(["nanogpt_cpu_bpb", "default_bpb", "nanogpt_cpu_bytes_s", "default_bytes_s",
@@ -284,20 +286,22 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(small_data
 
 
 def test_pretrained_checkpoint_trains_once_then_reuses_the_run(small_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_module, "RUNS_DIR", tmp_path)
-    monkeypatch.setitem(PRESETS, "tiny", {"data_dir": str(small_data), "model": {
+    import lilllm.course as course
+
+    monkeypatch.setattr(course, "RUNS_DIR", tmp_path)
+    monkeypatch.setitem(RECIPES, "tiny", {"data_dir": str(small_data), "model": {
         "block_size": 16, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1}, "batch_size": 4})
-    path = train_module.pretrained_checkpoint()
+    path = course.pretrained_checkpoint()
     assert path == tmp_path / "pretrained-tiny-quick" / BEST  # tests run in quick mode
     assert load_checkpoint(path)["step"] == 30
     stamp = path.stat().st_mtime_ns
     printed = capsys.readouterr().out
     assert "training the tiny recipe once" in printed
     assert printed.splitlines()[-1] == f"cached: {path}"  # where the run is now, not its temporary folder
-    assert train_module.pretrained_checkpoint() == path and path.stat().st_mtime_ns == stamp
+    assert course.pretrained_checkpoint() == path and path.stat().st_mtime_ns == stamp
     assert capsys.readouterr().out == ""
     assert [p.name for p in tmp_path.iterdir()] == ["pretrained-tiny-quick"]  # no temporary folder left
-    PRESETS["tiny"]["batch_size"] = 2  # the recipe changed: the cached run is stale and trained again
-    assert train_module.pretrained_checkpoint() == path
+    RECIPES["tiny"]["batch_size"] = 2  # the recipe changed: the cached run is stale and trained again
+    assert course.pretrained_checkpoint() == path
     assert "training the tiny recipe once" in capsys.readouterr().out
     assert json.loads(load_checkpoint(path)["train_config"])["batch_size"] == 2

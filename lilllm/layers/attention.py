@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lilllm import LilllmError
 from lilllm.config import ModelConfig
 from lilllm.layers.rope import apply_rope
+from lilllm.layers.sublayer import Sublayer
 
 
 class LayerCache:
@@ -107,7 +108,7 @@ def sdpa_attention(q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
                                           dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1))
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(Sublayer):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
@@ -118,6 +119,10 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_sdpa = True  # False: the written-out path (same numbers, slower)
+
+    def new_cache(self) -> LayerCache:
+        """An empty cache for this layer (`GPT.new_cache` asks every attention layer for one)."""
+        return LayerCache()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -136,3 +141,9 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C): heads side by side
         return self.resid_dropout(self.out_proj(y))
 
+
+
+def cache_bytes(config: ModelConfig, n_positions: int, bytes_per_value: int = 4) -> int:
+    """Memory of a KV cache holding n_positions: keys and values, in every layer, for
+    n_kv_heads heads of head_dim values each."""
+    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * n_positions * bytes_per_value

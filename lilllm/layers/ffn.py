@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lilllm.config import ModelConfig
+from lilllm.layers.sublayer import Sublayer
 
 SWIGLU_MULTIPLE = 32  # round SwiGLU's hidden width up to a multiple of this (friendlier matmul shapes)
 
@@ -34,7 +35,7 @@ def swiglu_hidden(d_model: int, multiple: int = SWIGLU_MULTIPLE) -> int:
     return multiple * math.ceil(2 * 4 * d_model / 3 / multiple)
 
 
-class GeluMLP(nn.Module):
+class GeluMLP(Sublayer):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden = config.ffn_hidden or gelu_hidden(config.d_model)
@@ -46,7 +47,7 @@ class GeluMLP(nn.Module):
         return self.dropout(self.down(F.gelu(self.up(x))))  # (B, T, C) → (B, T, H) → (B, T, C)
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(Sublayer):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden = config.ffn_hidden or swiglu_hidden(config.d_model)

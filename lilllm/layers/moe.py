@@ -38,9 +38,10 @@ import torch.nn.functional as F
 
 from lilllm.config import ModelConfig
 from lilllm.layers.ffn import SwiGLU, swiglu_hidden
+from lilllm.layers.sublayer import Sublayer
 
 
-class MoE(nn.Module):
+class MoE(Sublayer):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = moe = config.moe

@@ -23,7 +23,7 @@ sequence, so position t's attention depends on later tokens, its own target incl
 `gram="full"` does that (faithful); `gram="causal"` (ours, not in any reference) uses the
 prefix sum Σ_{s≤t} q_s q_sᵀ: one metric per position, (B, H, T, dk, dk), affordable only
 for small models. Deductive tensors are (B, H, T', dk, dk): T' = 1 (full) or T (causal).
-`sequential_nats` scores a model token by token, each target from its prefix alone: the
+`lilllm.model.sequential_nats` scores a model token by token, each target from its prefix alone: the
 honest number for a full-Gram model, whose one-pass score has seen the future.
 
 The KV cache. Causal Gram: exact; the cache keeps keys, values and the running Gram sum
@@ -49,6 +49,7 @@ from lilllm.config import ModelConfig
 from lilllm.layers.attention import LayerCache, causal_mask, sdpa_attention
 from lilllm.layers.norm import LayerNorm
 from lilllm.layers.rope import apply_rope
+from lilllm.layers.sublayer import Sublayer
 
 LEARNER_EPS = 1e-6  # the reference's LayerNorm eps inside the metric learner
 METRIC_FLOOR = 1e-9  # A_LM ≥ 1e-9 > 0, so A_LM ** P is defined for every real P
@@ -129,7 +130,7 @@ class PLGACache(LayerCache):
         self.deduced: DeductiveOutputs | None = None
 
 
-class PLGAttention(nn.Module):
+class PLGAttention(Sublayer):
     def __init__(self, config: ModelConfig):
         super().__init__()
         plga = config.plga
@@ -269,40 +270,3 @@ def dag_loss_naive(M: torch.Tensor) -> torch.Tensor:
     M = M.float()
     trace = torch.linalg.matrix_exp(M * M).diagonal(dim1=-2, dim2=-1).sum(-1)
     return (trace / M.size(-1)).log().abs()
-
-
-# --- reading a model's PLGA layers -------------------------------------------------------------
-
-@torch.no_grad()
-def deductive_outputs(model: nn.Module, ids: torch.Tensor) -> list[DeductiveOutputs | None]:
-    """Run `model` (a lilllm GPT) on ids (B, T); per layer, the deductive outputs of its
-    PLGA attention (None where a layer has another kind)."""
-    layers = [block.attn for block in model.blocks]
-    plga = [layer for layer in layers if isinstance(layer, PLGAttention)]
-    for layer in plga:
-        layer.record = True
-    try:
-        model(ids)
-    finally:
-        for layer in plga:
-            layer.record = False
-    return [layer.deduced if isinstance(layer, PLGAttention) else None for layer in layers]
-
-
-@torch.no_grad()
-def sequential_nats(model: nn.Module, windows: torch.Tensor) -> float:
-    """Total nats of the targets windows[:, 1:] (windows (B, T + 1)), each scored from its
-    own prefix alone: one uncached forward pass per position. For a causal model this
-    equals the one-pass score; for a full-Gram model it is the score without the future."""
-    total = 0.0
-    for t in range(1, windows.size(1)):
-        logits, _ = model(windows[:, :t])  # (B, t, V)
-        total += F.cross_entropy(logits[:, -1].float(), windows[:, t], reduction="sum").item()
-    return total
-
-
-@torch.no_grad()
-def one_pass_nats(model: nn.Module, windows: torch.Tensor) -> float:
-    """Total nats of the targets windows[:, 1:], all scored in one forward pass."""
-    logits, _ = model(windows[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten(), reduction="sum").item()

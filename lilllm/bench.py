@@ -1,0 +1,191 @@
+"""Benchmarks: each measures one claim of the course on this machine and prints a table,
+then its figures as one line of JSON (`lilllm bench tokenizer | pretrain | generate`).
+
+- `bench_tokenizer`: training a BPE, and encoding with `tokenizers` against tiktoken (same ids);
+- `bench_pretrain`: nanoGPT's CPU recipe, then the course default for the same training time;
+- `bench_generate`: tokens per second with and without the KV cache, for the model learners
+  train (the `tiny` recipe) and the default config (a longer context).
+
+Speed is only ever reported as measured here, never asserted in a test.
+"""
+
+import json
+import tempfile
+import time
+
+import torch
+
+from lilllm import LilllmError
+from lilllm.config import ModelConfig
+from lilllm.data import load_text, train_val_split
+from lilllm.layers.attention import cache_bytes
+from lilllm.model import GPT
+from lilllm.runtime import pick_device
+from lilllm.sampling import generate
+from lilllm.tokenizer import BPETokenizer, train_hf_bpe
+from lilllm.train import TrainConfig, make_config, train
+
+
+def _best_time(fn, repeats: int):
+    """(the fastest of `repeats` calls of fn in seconds, fn's result)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+# --- tokenizers ------------------------------------------------------------------------------
+
+def bench_tokenizer(vocab_size: int, repeats: int = 3) -> dict:
+    """Time training a BPE on the train split, then encoding the whole corpus in one call with
+    `tokenizers` and with tiktoken (best of `repeats`); also check that both give the same ids."""
+    text = load_text()
+    train_text, _ = train_val_split(text)
+    train_s, hf = _best_time(lambda: train_hf_bpe(train_text, vocab_size), repeats)
+    tokenizer = BPETokenizer.from_hf(hf)
+    hf_s, hf_ids = _best_time(lambda: hf.encode(text).ids, repeats)
+    tiktoken_s, tiktoken_ids = _best_time(lambda: tokenizer.encode(text), repeats)
+    megabytes = len(text.encode()) / 1e6
+    return {
+        "vocab_size": vocab_size, "repeats": repeats, "megabytes": round(megabytes, 3), "tokens": len(tiktoken_ids),
+        "ids_identical": hf_ids == tiktoken_ids, "train_s": round(train_s, 3),
+        "hf_mb_s": round(megabytes / hf_s, 2), "tiktoken_mb_s": round(megabytes / tiktoken_s, 2),
+        "speedup": round(hf_s / tiktoken_s, 1),
+    }
+
+
+def print_tokenizer(result: dict) -> None:
+    print(f"training a {result['vocab_size']:,}-token BPE on the train split: {result['train_s']:.2f} s")
+    print(f"encoding the corpus ({result['megabytes']:.2f} MB, {result['tokens']:,} tokens) in one call, "
+          f"best of {result['repeats']}:")
+    print(f"  tokenizers {result['hf_mb_s']:6.2f} MB/s")
+    print(f"  tiktoken   {result['tiktoken_mb_s']:6.2f} MB/s  ({result['speedup']}x faster)")
+    print(f"  identical ids: {'yes' if result['ids_identical'] else 'NO'}")
+    print(json.dumps(result))
+
+
+# --- pretraining: nanoGPT's CPU recipe vs the course default at equal time ------------------------
+
+def matmul_flops(device="cpu", size: int = 1024, seconds: float = 1.0) -> float:
+    """This machine's matrix-multiply throughput in FLOP/s (fp32 on CPU, bf16 on CUDA): the
+    ceiling that model FLOPs utilization (MFU) is measured against."""
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        sync()
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def bench_pretrain(long: bool = False, steps: int | None = None, device: str | None = None) -> dict:
+    """Train `nanogpt-cpu`, then the `tiny` recipe for the same training time (then `long`
+    for its ten minutes, if asked), in throwaway folders; evaluate each on the whole val split.
+    `steps` shortens the nanoGPT run (for a quick check of the harness)."""
+    peak = matmul_flops(pick_device(device))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(name, *overrides):
+            config = make_config(name, [f"--out-dir={tmp}/{name}", "--eval-interval=0", *overrides]
+                                 + ([f"--device={device}"] if device else []))
+            summary = train(config, progress=False).summary
+            summary["mfu"] = summary["flops_per_token"] * summary["tokens_per_s"] / peak
+            results[name] = summary
+            return summary
+
+        start = time.perf_counter()
+        reference = run("nanogpt-cpu", *([f"--steps={steps}"] if steps else []))
+        run("tiny", f"--time-budget={reference['train_time_s']}", "--steps=1000000000")
+        if long:
+            run("long")
+        wall = time.perf_counter() - start
+    line = {
+        "nanogpt_cpu_bpb": results["nanogpt-cpu"]["val_bpb"], "default_bpb": results["tiny"]["val_bpb"],
+        "nanogpt_cpu_bytes_s": results["nanogpt-cpu"]["bytes_per_s"], "default_bytes_s": results["tiny"]["bytes_per_s"],
+        "default_mfu": results["tiny"]["mfu"], "wall_s": wall,
+    }
+    if long:
+        line["long_bpb"] = results["long"]["best_val_bpb"]
+    return {"runs": results, "matmul_flops": peak, "line": line}
+
+
+def print_pretrain(result: dict) -> None:
+    print(f"matmul throughput: {result['matmul_flops'] / 1e9:.0f} GFLOP/s")
+    print(f"{'recipe':<12} {'val bpb':>8} {'best bpb':>8} {'steps':>7} {'train s':>8} {'bytes/s':>9} {'MFU':>6}")
+    for name, run in result["runs"].items():
+        print(f"{name:<12} {run['val_bpb']:8.4f} {run['best_val_bpb']:8.4f} {run['step']:7,} {run['train_time_s']:8.1f} "
+              f"{run['bytes_per_s']:9,.0f} {run['mfu']:6.1%}")
+    print(json.dumps(result["line"]))
+
+
+# --- generation: tokens per second with and without the KV cache ----------------------------------
+
+def generation_models(vocab_size: int = 2048) -> dict[str, ModelConfig]:
+    """The models `bench_generate` times: the one the `tiny` recipe trains (what learners
+    sample from) and the ModelConfig default (twice the depth and context)."""
+    return {"tiny": TrainConfig().model_config(vocab_size), "default": ModelConfig.preset("default", vocab_size=vocab_size)}
+
+
+def bench_generate(lengths=(64, 256, 512, 1024), prompt_len: int = 16, configs: dict | None = None,
+                   device: str = "cpu", repeats: int = 2, seed: int = 0) -> dict:
+    """Greedy generation of each number of new tokens with and without the KV cache, for each
+    model of `configs` (default: `generation_models()`; random weights: speed does not depend
+    on them), the best of `repeats` runs each. Returns, per model, tokens per second per
+    length, the speed-ups and the cache's memory."""
+    if not lengths or min(lengths) < 1 or repeats < 1 or prompt_len < 1:
+        raise LilllmError("the benchmark needs lengths ≥ 1 new tokens, a prompt of ≥ 1 token and repeats ≥ 1")
+    results = {name: _bench_one_model(config, lengths, prompt_len, device, repeats, seed)
+               for name, config in (configs or generation_models()).items()}
+    line = {name: result["line"] for name, result in results.items()}
+    return {"models": results, "line": line}
+
+
+def _bench_one_model(config: ModelConfig, lengths, prompt_len: int, device, repeats: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = GPT(config).to(device).eval()
+    prompt = torch.randint(config.vocab_size, (prompt_len,)).tolist()
+    generate(model, prompt, 8, temperature=0)  # warm-up: first calls allocate
+    rows = []
+    for n in lengths:
+        seconds, ids = {True: [], False: []}, {}
+        for _ in range(repeats):  # alternate the two, keep the best of each: the runs least disturbed by other work
+            for use_cache in (True, False):
+                start = time.perf_counter()
+                ids[use_cache] = generate(model, prompt, n, temperature=0, use_cache=use_cache)
+                seconds[use_cache].append(time.perf_counter() - start)
+        row = {"new_tokens": n, "cached_tokens_s": n / min(seconds[True]), "uncached_tokens_s": n / min(seconds[False])}
+        # past the context the two attend differently (lilllm.sampling's docstring): no claim there
+        row["same_tokens"] = ids[True] == ids[False] if n + prompt_len <= config.block_size else None
+        row["speedup"] = row["cached_tokens_s"] / row["uncached_tokens_s"]
+        rows.append(row)
+    by_length = {row["new_tokens"]: row for row in rows}
+    line = {  # the figures as one JSON-ready line; keys of the dicts are the numbers of new tokens
+        "n_layers": config.n_layers, "block_size": config.block_size, "prompt_len": prompt_len,
+        "tokens_s_cached": {str(n): row["cached_tokens_s"] for n, row in by_length.items()},
+        "tokens_s_uncached": {str(n): row["uncached_tokens_s"] for n, row in by_length.items()},
+        "speedup": {str(n): row["speedup"] for n, row in by_length.items()},
+        "cache_bytes_full": cache_bytes(config, config.block_size),
+        "speedup_512": by_length[512]["speedup"] if 512 in by_length else None,
+    }
+    return {"rows": rows, "cache_bytes_per_token": cache_bytes(config, 1), "line": line}
+
+
+def print_generate(result: dict) -> None:
+    for name, model in result["models"].items():
+        line = model["line"]
+        print(f"the {name} model ({line['n_layers']} layers, context {line['block_size']} tokens), greedy, "
+              f"after a {line['prompt_len']}-token prompt:")
+        print(f"{'new tokens':>10} {'cached tok/s':>13} {'uncached tok/s':>15} {'speed-up':>9}")
+        for row in model["rows"]:
+            print(f"{row['new_tokens']:>10,} {row['cached_tokens_s']:>13,.0f} {row['uncached_tokens_s']:>15,.0f} "
+                  f"{row['speedup']:>8.1f}x")
+        print(f"KV cache (fp32): {model['cache_bytes_per_token']:,} bytes per token, "
+              f"{line['cache_bytes_full'] / 2**10:,.0f} KiB for a full context\n")
+    print(json.dumps(result["line"]))

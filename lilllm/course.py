@@ -1,0 +1,199 @@
+"""The course around the package: the map of the chapters, what every notebook calls first
+(quick mode, seeds, the figure style, showing finished code, saving figures), the pretrained
+model later chapters start from, and re-executing notebooks in place:
+
+    python -m lilllm.course              # every notebook, in order
+    python -m lilllm.course 03_rope 04   # by name or number prefix
+"""
+
+import inspect
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from lilllm import LilllmError
+from lilllm.checkpoint import FORMAT
+from lilllm.runtime import REPO_ROOT, shown
+from lilllm.train import BEST, CONFIG_FILE, make_config, train
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+FIGURES_DIR = REPO_ROOT / "figures"
+QUICK_ENV_VAR = "LILLLM_QUICK"
+# One look for every figure of the course.
+STYLE = {
+    "figure.figsize": (7.0, 4.0),
+    "figure.dpi": 100,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 10,
+}
+
+
+def quick_mode() -> bool:
+    """True when $LILLLM_QUICK is set (tests): notebooks shrink their training."""
+    return os.environ.get(QUICK_ENV_VAR, "") not in ("", "0")
+
+
+def choose(full, quick):
+    """`full` normally, `quick` in quick mode: `steps = choose(2000, 50)`."""
+    return quick if quick_mode() else full
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python, NumPy and PyTorch so a notebook gives the same numbers every run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_notebook(seed: int = 0) -> None:
+    """The first call of every notebook: seeds and the course's figure style."""
+    seed_everything(seed)
+    plt.rcParams.update(STYLE)
+
+
+def show_source(obj) -> None:
+    """Display the source code of a lilllm function or class (highlighted in Jupyter)."""
+    source = inspect.getsource(obj)
+    try:
+        from IPython.display import Code, display
+    except ImportError:
+        print(source)
+    else:
+        display(Code(source, language="python"))
+
+
+def save_figure(fig, name: str) -> Path:
+    """Save `fig` as figures/<name>.png (the README shows these). In quick mode the
+    figure goes to figures/quick/ instead, so tests never overwrite the real ones."""
+    folder = FIGURES_DIR / "quick" if quick_mode() else FIGURES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+# --- the map of the course ----------------------------------------------------------------
+# Which notebook teaches what, and which lilllm modules hold its finished code. The setup
+# notebook, the README table and the notebook tests read it.
+
+@dataclass(frozen=True)
+class Chapter:
+    notebook: str  # file stem in notebooks/
+    adds: str  # what the chapter adds to the model or the pipeline
+    modules: tuple[str, ...]  # the lilllm modules it teaches (imports and checks against)
+
+    @property
+    def path(self):
+        return NOTEBOOKS_DIR / f"{self.notebook}.ipynb"
+
+    @property
+    def written(self) -> bool:
+        return self.path.exists()
+
+
+CURRICULUM = (
+    Chapter("00_setup", "the map, the environment check, the data and its split",
+            ("lilllm.runtime", "lilllm.env", "lilllm.data", "lilllm.course", "lilllm.cli")),
+    Chapter("01_tokenizer", "characters → bytes → byte-level BPE, served by tiktoken; token files",
+            ("lilllm.tokenizer", "lilllm.data")),
+    Chapter("02_rmsnorm", "LayerNorm → RMSNorm", ("lilllm.layers.norm",)),
+    Chapter("03_rope", "absolute positions → rotary position embeddings", ("lilllm.layers.rope",)),
+    Chapter("04_attention", "causal attention → MHA → MQA → GQA, SDPA, the KV cache",
+            ("lilllm.layers.attention",)),
+    Chapter("05_swiglu", "GELU MLP → SwiGLU; the decoder block and the whole model",
+            ("lilllm.layers.ffn", "lilllm.layers.sublayer", "lilllm.config", "lilllm.model")),
+    Chapter("06_plga", "Power Law Graph Attention (PLDR-LLM)", ("lilllm.layers.plga",)),
+    Chapter("07_moe", "mixture-of-experts with three ways to balance the load", ("lilllm.layers.moe",)),
+    Chapter("08_pretraining", "the training loop, checkpoints, bits per byte", ("lilllm.settings", "lilllm.train", "lilllm.checkpoint")),
+    Chapter("09_sft", "chat template, assistant-only loss, fine-tuning", ("lilllm.chat", "lilllm.sft", "lilllm.next_speaker")),
+    Chapter("10_sampling", "greedy, temperature, top-k, top-p, KV-cache generation", ("lilllm.sampling", "lilllm.bench")),
+)
+
+
+# --- the pretrained model later chapters start from ------------------------------------------
+
+RUNS_DIR = REPO_ROOT / "runs"
+
+
+def pretrained_checkpoint(recipe: str = "tiny") -> Path:
+    """The best.pt of a finished run of `recipe`, trained on first use and cached in
+    runs/pretrained-<recipe>/, so later chapters start from a pretrained model on a fresh
+    clone. In quick mode ($LILLLM_QUICK, the tests) a 30-step run is cached apart, in
+    runs/pretrained-<recipe>-quick/."""
+    name = f"pretrained-{recipe}" + ("-quick" if quick_mode() else "")
+    final = RUNS_DIR / name
+    quick_settings = ["--steps=30", "--warmup=5", "--eval-interval=0"] if quick_mode() else []
+    wanted = {**make_config(recipe, quick_settings).to_dict(), "out_dir": None, "format": FORMAT}
+    if not (final / BEST).exists() or _settings_of(final) != wanted:
+        shutil.rmtree(final, ignore_errors=True)  # an unfinished run, or one of an older recipe or format
+        print(f"training the {recipe} recipe once, into {shown(final)} (later calls reuse it)", flush=True)
+        # Trained beside and renamed when done: a parallel caller never sees half a run.
+        temp = RUNS_DIR / f".{name}.{os.getpid()}.tmp"
+        shutil.rmtree(temp, ignore_errors=True)
+        train(make_config(recipe, [f"--out-dir={temp}", *quick_settings]), progress=False)
+        try:
+            os.replace(temp, final)
+        except OSError:  # another process finished first: keep its run
+            shutil.rmtree(temp, ignore_errors=True)
+        print(f"cached: {shown(final / BEST)}", flush=True)  # the lines above named the temporary folder
+    return final / BEST
+
+
+def _settings_of(run_dir: Path) -> dict | None:
+    """The settings a cached run was trained with, out_dir left out (it is trained in a
+    temporary folder), and its checkpoint format; None if unreadable."""
+    try:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text())
+        return {**saved["train"], "out_dir": None, "format": saved.get("checkpoint_format")}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# --- re-executing notebooks --------------------------------------------------------------------
+
+def execute_notebooks(names: list[str] | None = None, timeout: int = 1800) -> None:
+    """Re-execute notebooks in place, in course order, in a fresh kernel of this Python,
+    with full (not quick) settings, so committed outputs always come from a real run.
+    `names` selects notebooks by file name or prefix ("03", "03_rope"); default all."""
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+    except ImportError:
+        raise LilllmError('executing notebooks needs the dev extra: run `pip install -e ".[dev]"`') from None
+    paths = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+    if names:
+        chosen = [p for p in paths if any(p.name.startswith(name) for name in names)]
+        unknown = [n for n in names if not any(p.name.startswith(n) for p in paths)]
+        if unknown:
+            raise LilllmError(f"no notebook matches {', '.join(unknown)}: choose from {', '.join(p.stem for p in paths)}")
+        paths = chosen
+    os.environ.pop(QUICK_ENV_VAR, None)  # the kernel inherits this environment
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for path in paths:
+        print(f"executing {path.name} ...", flush=True)
+        notebook = nbformat.read(path, as_version=4)
+        client = NotebookClient(
+            notebook, timeout=timeout, kernel_name="python3", record_timing=False,
+            resources={"metadata": {"path": str(NOTEBOOKS_DIR)}},
+        )
+        client.execute()
+        nbformat.write(notebook, path)
+
+
+if __name__ == "__main__":
+    try:
+        execute_notebooks(sys.argv[1:])
+    except LilllmError as err:
+        sys.exit(f"error: {err}")
