@@ -89,3 +89,22 @@ def load_model(path, device=None) -> tuple[GPT, Tokenizer, dict]:
         raise LilllmError(f"checkpoint {path}: the weights do not match the stored model config ({reason}); "
                           "use another checkpoint or train again") from None
     return model.to(device).eval(), tokenizer, state
+
+
+def check_resumable(state: dict, path, tokenizer: Tokenizer, model_config: ModelConfig, train_config: dict,
+                    resumable: tuple[str, ...]) -> None:
+    """Refuse to continue checkpoint `state` with another tokenizer, model or training settings
+    (those named in `resumable` may change: more steps, another device...)."""
+    fix = "resume with the settings it was trained with, or start a new run with another --out-dir"
+    saved_fingerprint = json.loads(state["tokenizer"])["fingerprint"]
+    if saved_fingerprint != tokenizer.fingerprint:
+        raise LilllmError(f"checkpoint {path} was trained with another tokenizer (fingerprint {saved_fingerprint}, "
+                          f"the data's is {tokenizer.fingerprint}): {fix}")
+    saved, current = json.loads(state["model_config"]), model_config.to_dict()
+    changed = sorted(k for k in saved if saved[k] != current.get(k))
+    if changed:
+        raise LilllmError(f"checkpoint {path} has another model config ({', '.join(changed)} differ): {fix}")
+    saved = json.loads(state["train_config"])
+    changed = sorted(k for k, v in train_config.items() if k not in resumable and saved.get(k) != v)
+    if changed:
+        raise LilllmError(f"checkpoint {path} was trained with other settings ({', '.join(changed)} differ): {fix}")

@@ -115,7 +115,7 @@ CURRICULUM = (
             ("lilllm.layers.ffn", "lilllm.layers.sublayer", "lilllm.config", "lilllm.model")),
     Chapter("06_plga", "Power Law Graph Attention (PLDR-LLM)", ("lilllm.layers.plga",)),
     Chapter("07_moe", "mixture-of-experts with three ways to balance the load", ("lilllm.layers.moe",)),
-    Chapter("08_pretraining", "the training loop, checkpoints, bits per byte", ("lilllm.settings", "lilllm.train", "lilllm.checkpoint")),
+    Chapter("08_pretraining", "the training loop, checkpoints, bits per byte", ("lilllm.settings", "lilllm.progress", "lilllm.train", "lilllm.checkpoint")),
     Chapter("09_sft", "chat template, assistant-only loss, fine-tuning", ("lilllm.chat", "lilllm.sft", "lilllm.next_speaker")),
     Chapter("10_sampling", "greedy, temperature, top-k, top-p, KV-cache generation", ("lilllm.sampling", "lilllm.bench")),
 )

@@ -1,10 +1,13 @@
 """What every other module stands on: where the repository is, which device runs the model
-and in which precision, and how a file is written so that nobody ever reads half of it.
+and in which precision, how several processes share a run, how Ctrl-C reaches a loop, and
+how a file is written so that nobody ever reads half of it.
 
 The bottom of the package: it imports nothing of lilllm but `LilllmError`.
 """
 
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -83,3 +86,54 @@ def import_datasets():
         import datasets
     datasets.disable_progress_bars()
     return datasets
+
+
+def distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) of this process, starting the process group when run by
+    torchrun (nccl on GPUs, gloo on CPUs); (0, 1, 0) for a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def mean_over_processes(value: float, world_size: int, device) -> float:
+    """The mean of `value` over the processes of a run (itself for one process)."""
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor)
+    return tensor.item() / world_size
+
+
+def from_rank0(flags: list[bool], world_size: int, device) -> list[bool]:
+    """Rank 0's flags on every process: decisions such as "stop now" must agree."""
+    if world_size == 1:
+        return list(flags)
+    tensor = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=device)
+    torch.distributed.broadcast(tensor, src=0)
+    return [bool(v) for v in tensor.tolist()]
+
+
+class StopOnInterrupt:
+    """Ctrl-C sets a flag that a loop reads between steps (so it saves a consistent state and
+    exits); a second Ctrl-C interrupts at once. Outside the main thread: no handler."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)

@@ -1,31 +1,22 @@
-"""Pretraining: the settings of a run, one training step that every loop of the course
-shares, evaluation in bits per byte, and the run itself, which resumes exactly.
+"""Pretraining: the settings of a run (`TrainConfig`, named recipes), one training step that
+every loop of the course shares, evaluation in bits per byte, and the run, which resumes exactly.
 
     from lilllm.train import make_config, train
     result = train(make_config("tiny", ["--steps=200"]))
     result.summary["val_bpb"]
 
-1. settings: a `TrainConfig` from a recipe by name, with `--key=value` overrides;
-2. data: the prepared token files of the chosen tokenizer (built on first use);
-3. model and AdamW, weight decay on matrices only; a linear warmup, then cosine decay;
-4. `train_step`: micro-batches with gradient accumulation, the loss checked for NaN,
-   clipping, the optimizer step, then the model's own after-step updates. Fine-tuning and
-   the copy drill (lilllm.sft) call the very same function;
-5. evaluation over the whole val split in bits per byte; metrics to metrics.jsonl;
-6. checkpoints (last.pt periodically, best.pt at the best val score) with everything a
-   resumed run needs to continue the very same curve.
-
-The same loop runs under `torchrun --nproc_per_node=N` with DistributedDataParallel: each
-rank draws a different slice of the same global batch, and only rank 0 writes.
+`train_step` is one optimizer step: micro-batches with gradient accumulation, the loss checked
+for NaN, clipping, AdamW, then the model's own after-step updates; fine-tuning and the copy
+drill (lilllm.sft) call it too. `train` builds a `Run` (data, model, optimizer, or a resumed
+checkpoint) and loops: a learning rate (warmup, then cosine), a step, a metrics record, and
+every eval_interval steps the val split in bits per byte with last.pt and best.pt written.
+Under `torchrun --nproc_per_node=N` each rank trains on its slice of the same global batch
+(DistributedDataParallel), and only rank 0 writes.
 """
 
 import dataclasses
 import json
 import math
-import os
-import signal
-import sys
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,15 +27,16 @@ import torch
 
 from lilllm import LilllmError
 from lilllm.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from lilllm.checkpoint import load_checkpoint, load_model, save_checkpoint
+from lilllm.checkpoint import check_resumable, load_checkpoint, load_model, save_checkpoint
 from lilllm.config import ModelConfig, check_finite
 from lilllm.data import PreparedData, get_batch, load_prepared, prepared_dataset
 from lilllm.model import GPT, summed_cross_entropy
-from lilllm.runtime import autocast_context, pick_device, repo_path, shown
+from lilllm.progress import METRICS, Progress, append_metrics, plot_metrics, read_metrics
+from lilllm.runtime import (StopOnInterrupt, autocast_context, distributed, from_rank0, mean_over_processes, pick_device,
+                            repo_path, shown, write_atomically)
 from lilllm.settings import make_settings, settings_from_dict
 
-LAST, BEST = "last.pt", "best.pt"  # file names in the run's out_dir
-METRICS, PLOT, CONFIG_FILE = "metrics.jsonl", "loss.png", "config.json"
+LAST, BEST, PLOT, CONFIG_FILE = "last.pt", "best.pt", "loss.png", "config.json"  # in the run's out_dir
 
 
 @dataclass
@@ -207,8 +199,8 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, micro_batches, lr: 
         for name, value in auxiliary.items():
             auxiliary_sums[name] = auxiliary_sums.get(name, 0.0) + value
     device = micro_batches[0][0].device
-    loss_value = _mean_over_ranks(loss_sum / len(micro_batches), world_size, device)
-    auxiliary = {name: _mean_over_ranks(total / len(micro_batches), world_size, device)
+    loss_value = mean_over_processes(loss_sum / len(micro_batches), world_size, device)
+    auxiliary = {name: mean_over_processes(total / len(micro_batches), world_size, device)
                  for name, total in sorted(auxiliary_sums.items())}
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
@@ -291,8 +283,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
     """Run (or, with resume=True, continue from out_dir/last.pt) the training `config`
     describes. `progress`: a tqdm bar (default when stderr is a terminal) or plain lines."""
     run = Run(config, resume)
-    display = _Progress(run, progress)
-    with _StopOnInterrupt() as interrupt:
+    display = Progress(config.steps, config.time_budget, run.step, progress, show=run.writer)
+    with StopOnInterrupt() as interrupt:
         while run.step < config.steps:
             started = time.perf_counter()
             lr = learning_rate(run.step, config, run.schedule_progress())
@@ -302,10 +294,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
             run.train_time += time.perf_counter() - started
             if run.step % config.log_interval == 0:
                 run.log_train(metrics, lr)
-            stop, timed_out = run.agree(interrupt.requested, run.out_of_time())
+            stop, timed_out = from_rank0([interrupt.requested, run.out_of_time()], run.world_size, run.device)
             if config.eval_interval and run.step % config.eval_interval == 0 and run.step < config.steps and not stop:
                 run.evaluate()
-            display.update(metrics["loss"])
+            display.update(run.step, run.train_time, metrics["loss"], run.val_bpb, run.tokens_per_s())
             if stop or timed_out:
                 break
     display.close()
@@ -319,14 +311,19 @@ class Run:
 
     def __init__(self, config: TrainConfig, resume: bool):
         self.config = config
-        self.rank, self.world_size, local_rank = _distributed()
+        self.rank, self.world_size, local_rank = distributed()
         self.device = pick_device(config.device)
         if self.device.type == "cuda" and self.world_size > 1:
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
         self.writer = self.rank == 0
         self.out_dir = repo_path(config.out_dir)
-        self.data = self._load_data()
+        if self.writer:  # rank 0 builds the token files if needed; the others then read them
+            self.data = load_data(config)
+        if self.world_size > 1:
+            torch.distributed.barrier()
+        if not self.writer:
+            self.data = load_data(config)
         self.tokenizer = self.data.tokenizer
         model_config = config.model_config(self.tokenizer.vocab_size)
         self.block_size = model_config.block_size
@@ -347,7 +344,7 @@ class Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             run_config = {"train": config.to_dict(), "model": model_config.to_dict(),
                           "tokenizer_fingerprint": self.tokenizer.fingerprint, "checkpoint_format": CHECKPOINT_FORMAT}
-            (self.out_dir / CONFIG_FILE).write_text(json.dumps(run_config, indent=1) + "\n")
+            write_atomically(self.out_dir / CONFIG_FILE, json.dumps(run_config, indent=1) + "\n")
             if not resume:
                 (self.out_dir / METRICS).write_text("")
         self.wrapped = self.model
@@ -359,17 +356,10 @@ class Run:
         self.model.train()
         self.first_step, self.first_time = self.step, self.train_time  # where this process started: its speed
 
-    def _load_data(self) -> PreparedData:
-        if self.writer:  # rank 0 builds the token files if needed; the others then read them
-            data = load_data(self.config)
-        if self.world_size > 1:
-            torch.distributed.barrier()
-        return data if self.writer else load_data(self.config)
-
     def _resume(self) -> None:
         path = self.out_dir / LAST
         state = load_checkpoint(path)
-        self._check_resumable(state, path)
+        check_resumable(state, path, self.tokenizer, self.model.config, self.config.to_dict(), RESUMABLE_CHANGES)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -380,25 +370,8 @@ class Run:
         self.train_time, self.warm_time = state["clock"]["train_time"], state["clock"]["warm_time"]
         if self.writer:  # drop records a crashed run wrote after its last checkpoint
             records = [r for r in read_metrics(self.out_dir) if r["step"] <= self.step]
-            (self.out_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+            write_atomically(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in records))
         self.say(f"resuming {shown(path)} at step {self.step}")
-
-    def _check_resumable(self, state: dict, path) -> None:
-        """Refuse to continue a checkpoint with another tokenizer, model or recipe."""
-        fix = "resume with the settings it was trained with, or start a new run with another --out-dir"
-        saved_fingerprint = json.loads(state["tokenizer"])["fingerprint"]
-        if saved_fingerprint != self.tokenizer.fingerprint:
-            raise LilllmError(f"checkpoint {path} was trained with another tokenizer (fingerprint {saved_fingerprint}, "
-                              f"the data's is {self.tokenizer.fingerprint}): {fix}")
-        saved, current = json.loads(state["model_config"]), self.model.config.to_dict()
-        changed = sorted(k for k in saved if saved[k] != current.get(k))
-        if changed:
-            raise LilllmError(f"checkpoint {path} has another model config ({', '.join(changed)} differ): {fix}")
-        saved = json.loads(state["train_config"])
-        changed = sorted(k for k, v in self.config.to_dict().items()
-                         if k not in RESUMABLE_CHANGES and saved.get(k) != v)
-        if changed:
-            raise LilllmError(f"checkpoint {path} was trained with other settings ({', '.join(changed)} differ): {fix}")
 
     def say(self, *args, **kwargs) -> None:
         if self.writer:
@@ -425,22 +398,13 @@ class Run:
     def out_of_time(self) -> bool:
         return self.config.time_budget is not None and self.train_time >= self.config.time_budget
 
-    def agree(self, *flags: bool) -> list[bool]:
-        """Rank 0's flags on every rank: decisions (stop now) must agree."""
-        if self.world_size == 1:
-            return list(flags)
-        tensor = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=self.device)
-        torch.distributed.broadcast(tensor, src=0)
-        return [bool(v) for v in tensor.tolist()]
-
     def tokens_per_s(self) -> float:
         tokens_per_step = self.config.batch_size * self.config.grad_accum * self.world_size * self.block_size
         return tokens_per_step * (self.step - self.first_step) / max(self.train_time - self.first_time, 1e-9)
 
     def log(self, record: dict) -> None:
         if self.writer:
-            with open(self.out_dir / METRICS, "a") as file:
-                file.write(json.dumps(record) + "\n")
+            append_metrics(self.out_dir, record)
 
     def log_train(self, metrics: dict, lr: float) -> None:
         loss = metrics["loss"]
@@ -495,105 +459,3 @@ class Run:
             self.say(f"done: step {self.step:,}, val {self.val_bpb:.4f} bits per byte (best {self.best_val_bpb:.4f}), "
                      f"{summary['bytes_per_s']:,.0f} bytes/s; checkpoints, metrics and {PLOT} in {shown(self.out_dir)}")
         return TrainResult(model=self.model, summary=summary, out_dir=self.out_dir)
-
-
-class _Progress:
-    """What a run shows as it goes: a tqdm bar on a terminal, else a plain line at every
-    tenth of the run."""
-
-    def __init__(self, run: Run, bar: bool | None):
-        self.run, self.next_line, self.bar = run, 0.1, None
-        if run.writer and (sys.stderr.isatty() if bar is None else bar):
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=run.config.steps, initial=run.step, unit="step", dynamic_ncols=True)
-
-    def update(self, loss: float) -> None:
-        run, config = self.run, self.run.config
-        val = "—" if run.val_bpb is None else f"{run.val_bpb:.4f}"
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {loss:.3f}, val {val} bpb, {run.tokens_per_s():,.0f} tok/s")
-            return
-        done = max(run.step / config.steps, run.train_time / config.time_budget if config.time_budget else 0.0)
-        if done >= self.next_line or run.step == config.steps:
-            self.next_line = math.floor(done * 10 + 1) / 10
-            left = max(0.0, run.train_time * (1 - done) / max(done, 1e-9))
-            of = f"{_format_seconds(config.time_budget)} budget" if config.time_budget else f"{config.steps:,}"
-            run.say(f"step {run.step:>6,} of {of} | loss {loss:.4f} | val {val} bpb | {run.tokens_per_s():,.0f} tok/s | "
-                    f"{_format_seconds(run.train_time)} elapsed, ~{_format_seconds(left)} left", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-# --- metrics and the loss curve ----------------------------------------------------------------
-
-def read_metrics(out_dir) -> list[dict]:
-    """The records of out_dir/metrics.jsonl (one JSON object per line)."""
-    path = repo_path(out_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def plot_metrics(records: list[dict], ax=None, label: str = ""):
-    """Train and val bits per byte against the step (train: the loss of each logged batch,
-    converted with the train split's bytes per token). Returns the figure."""
-    if ax is None:
-        from matplotlib.figure import Figure  # no pyplot: works without a display
-
-        ax = Figure(figsize=(7, 4)).subplots()
-    for split, style in (("train", {"alpha": 0.6}), ("val", {"marker": "o"})):
-        points = [(r["step"], r["bpb"]) for r in records if r["split"] == split]
-        if points:
-            ax.plot(*zip(*points), label=f"{label} {split}".strip(), **style)
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte")
-    ax.legend()
-    return ax.figure
-
-
-# --- processes and signals -----------------------------------------------------------------------
-
-class _StopOnInterrupt:
-    """Ctrl-C sets a flag that the loop reads between steps (so it saves a consistent state
-    and exits); a second Ctrl-C interrupts at once. Outside the main thread: no handler."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank), starting the process group when run by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, 0
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return torch.distributed.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _mean_over_ranks(value: float, world_size: int, device) -> float:
-    if world_size == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor)
-    return tensor.item() / world_size
-
-
-def _format_seconds(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

@@ -58,6 +58,11 @@ def test_n_kv_heads_none_means_multi_head():
     ({"n_layers": 1, "layers": [{"attention": "mamba"}]}, r"unknown layers\[0\].attention kind 'mamba'"),
     ({"n_layers": 1, "layers": [{"experts": 8}]}, r"layers\[0\] has unknown key\(s\) experts"),
     ({"n_layers": 1, "layers": ["gelu"]}, r"layers\[0\] must be a dict"),
+    ({"rope_base": float("inf")}, "rope_base=inf is not a finite number"),
+    ({"norm_eps": float("nan")}, "norm_eps=nan is not a finite number"),
+    ({"dropout": float("nan")}, "dropout=nan is not a finite number"),
+    ({"ffn": "moe", "moe": {"aux_loss_weight": float("inf")}}, "moe.aux_loss_weight=inf is not a finite number"),
+    ({"attention": "plga", "plga": {"dag_ap": float("nan")}}, "plga.dag_ap=nan is not a finite number"),
 ])
 def test_bad_values_are_rejected_with_a_message_naming_them(overrides, match):
     with pytest.raises(ConfigError, match=match):

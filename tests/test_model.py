@@ -178,3 +178,24 @@ def test_auxiliary_losses_of_layers_are_averaged_per_name_and_added_to_the_loss(
     cross_entropy = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
     torch.testing.assert_close(loss, cross_entropy + (1.0 + 3.0) / 2 + 0.5)
     assert model.last_auxiliary == {"balance": 2.0, "other": 0.5}
+
+
+@pytest.mark.parametrize("bad", [-1, 64, 10_000])
+def test_token_ids_outside_the_vocabulary_are_refused_in_one_line(bad):
+    ids = torch.tensor([[1, 2, bad, 3]])
+    with pytest.raises(LilllmError, match=f"token id {bad} is outside the model's vocabulary \\(0 to 63\\)"):
+        tiny()(ids)
+
+
+def test_the_training_hooks_are_methods_of_the_model_over_its_sublayers():
+    from lilllm.layers.sublayer import Sublayer
+
+    model = tiny(n_layers=2, ffn="moe", moe={"balance": "aux_free", "bias_update_rate": 0.1}).train()
+    assert len(model.sublayers()) == 4 and all(isinstance(layer, Sublayer) for layer in model.sublayers())
+    assert model.layer_metrics() == {}  # nothing measured before a step
+    model(torch.randint(0, 64, (2, 8)))
+    model.after_optimizer_step()  # every MoE layer closes its step: MaxVio, and the bias moves
+    assert set(model.layer_metrics()) == {"maxvio/0", "maxvio/1"}
+    assert all(block.ffn.expert_bias.abs().sum() > 0 for block in model.blocks)
+    n_weights = sum(p.numel() for p in model.parameters())
+    assert model.flops_per_token() == 6 * n_weights + 12 * 2 * 32 * 16

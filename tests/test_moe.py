@@ -288,7 +288,8 @@ SMALL_RUN = ["--model.d_model=32", "--model.n_layers=2", "--model.n_heads=2", "-
 
 @pytest.mark.parametrize("balance", ["none", "aux_loss", "aux_free"])
 def test_training_an_moe_config_from_a_json_file(small_data, tmp_path, monkeypatch, balance):
-    from lilllm.train import make_config, read_metrics, train
+    from lilllm.progress import read_metrics
+    from lilllm.train import make_config, train
 
     moe = {"n_experts": 4, "top_k": 2, "balance": balance, "bias_update_rate": 0.01}
     path = tmp_path / "moe.json"

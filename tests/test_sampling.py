@@ -364,3 +364,23 @@ def test_cli_bench_generate_ends_with_a_json_line(capsys, monkeypatch):
     for line in lines.values():
         assert line["speedup_512"] is None and set(line["tokens_s_cached"]) == {"4", "8"}
         assert all(math.isfinite(v) and v > 0 for v in line["speedup"].values())
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x: apply_temperature(x, -0.5), "temperature=-0.5 is negative"),
+    (lambda x: apply_temperature(x, 0), "temperature=0 means greedy"),
+    (lambda x: apply_temperature(x, float("nan")), "temperature=nan"),
+    (lambda x: top_k_filter(x, -2), "top_k=-2 must be a whole number"),
+    (lambda x: top_k_filter(x, 0), "top_k=0 switches top-k off"),
+    (lambda x: top_k_filter(x, 2.5), "top_k=2.5 must be a whole number"),
+    (lambda x: top_p_filter(x, 0.0), "top_p=0.0 must lie in"),
+    (lambda x: top_p_filter(x, 1.5), "top_p=1.5 must lie in"),
+    (lambda x: process_logits(x, temperature=-1), "temperature=-1 is negative"),
+    (lambda x: process_logits(x, top_p=2), "top_p=2 must lie in"),
+    (lambda x: sample_next(x, temperature=-1), "temperature=-1 is negative"),
+    (lambda x: sample_next(x, top_k=-1), "top_k=-1"),
+    (lambda x: sample_next(x, top_p=float("nan")), "top_p=nan"),
+])
+def test_the_public_helpers_check_their_own_settings(call, match):
+    with pytest.raises(LilllmError, match=match):
+        call(torch.randn(2, 10))

@@ -286,8 +286,8 @@ def test_finetune_writes_a_checkpoint_that_names_its_template(chat_files, tmp_pa
     from lilllm.chat import TEMPLATE_NAME
     from lilllm.checkpoint import load_checkpoint
     from lilllm.course import pretrained_checkpoint
+    from lilllm.progress import read_metrics
     from lilllm.sft import exact_match, finetune
-    from lilllm.train import read_metrics
 
     result = finetune(pretrained_checkpoint(), chat_files["train"], chat_files["val"], steps=3, eval_interval=2,
                       eval_conversations=8, out_dir=tmp_path / "sft", log=lambda line: None)
@@ -316,3 +316,29 @@ def test_cli_sft_then_chat_with_the_template(chat_files, tmp_path, monkeypatch, 
     assert main(["sft", "--data", str(tmp_path / "absent.jsonl"), "--steps", "1", "--out", str(tmp_path / "bad")]) == 2
     assert "absent.jsonl is missing" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before the copy drill started
+
+
+def test_finetuning_an_aux_free_moe_checkpoint_moves_its_balancing_bias(small_data, tmp_path):
+    """Fine-tuning runs the trainer's own step, so an MoE layer's after-step update happens
+    here too: the bias moves, and the logged loss is the cross-entropy without balance terms."""
+    from lilllm.checkpoint import load_checkpoint, load_model
+    from lilllm.sft import finetune
+    from lilllm.train import make_config, train
+
+    moe = '{"n_experts": 4, "top_k": 1, "balance": "aux_free", "bias_update_rate": 0.05}'
+    config = make_config("tiny", [f"--data-dir={small_data}", f"--out-dir={tmp_path / 'moe'}", "--steps=2",
+                                  "--model.d-model=32", "--model.n-layers=1", "--model.n-heads=2", "--model.n-kv-heads=1",
+                                  "--model.block-size=256", "--model.ffn=moe", f"--model.moe={moe}", "--batch-size=2",
+                                  "--warmup=1", "--eval-interval=0"])
+    train(config, progress=False)
+    checkpoint = tmp_path / "moe" / "last.pt"
+    _, tokenizer, state = load_model(checkpoint, "cpu")
+    bias_before = state["model"]["blocks.0.ffn.expert_bias"]
+    conversations = [c for c in next_speaker_conversations(load_text()[:30_000])
+                     if len(render_conversation(tokenizer, c["messages"])[0]) <= 257][:20]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    result = finetune(checkpoint, tmp_path / "chats.jsonl", steps=3, batch_size=2, eval_interval=3,
+                      out_dir=tmp_path / "sft", log=lambda line: None)
+    bias_after = result.model.blocks[0].ffn.expert_bias
+    assert not torch.equal(bias_before, bias_after)
+    assert torch.equal(load_checkpoint(result.checkpoint)["model"]["blocks.0.ffn.expert_bias"], bias_after)

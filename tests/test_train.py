@@ -20,8 +20,9 @@ from lilllm.checkpoint import load_checkpoint
 from lilllm.model import GPT
 from lilllm.runtime import REPO_ROOT
 from lilllm.tokenizer import CharTokenizer
+from lilllm.progress import read_metrics
 from lilllm.train import (BEST, LAST, RECIPES, TrainConfig, clip_gradients, evaluate, learning_rate, load_data,
-                          make_config, make_optimizer, read_metrics, train)
+                          make_config, make_optimizer, train, train_step)
 import lilllm.train as train_module
 
 # A model small enough to take a few steps in well under a second.
@@ -305,3 +306,55 @@ def test_pretrained_checkpoint_trains_once_then_reuses_the_run(small_data, tmp_p
     assert course.pretrained_checkpoint() == path
     assert "training the tiny recipe once" in capsys.readouterr().out
     assert json.loads(load_checkpoint(path)["train_config"])["batch_size"] == 2
+
+
+# --- the shared training step --------------------------------------------------------------------
+
+def moe_model(balance, **moe):
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=50, block_size=8, d_model=16, n_layers=1, n_heads=2, ffn="moe",
+                           moe={"n_experts": 4, "top_k": 1, "balance": balance, **moe}))
+
+
+def test_train_step_reports_the_cross_entropy_alone_and_closes_the_step():
+    model = moe_model("aux_loss", aux_loss_weight=0.5)
+    x, y = torch.randint(50, (2, 2, 8)).unbind(0)
+    with torch.no_grad():
+        logits, loss = model(x, y)
+    cross_entropy = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    assert loss.item() > cross_entropy + 0.4  # the balance term is in the loss the gradient follows
+    config = TrainConfig(lr=1e-2, warmup=0)
+    metrics = train_step(model, make_optimizer(model, config), [(x, y)], 1e-2, config, step=0)
+    assert metrics["loss"] == pytest.approx(cross_entropy, rel=1e-5)  # ... but not in the loss that is logged
+    assert metrics["moe_aux"] == pytest.approx(loss.item() - cross_entropy, rel=1e-4)
+    assert set(model.layer_metrics()) == {"maxvio/0"}  # the MoE layer closed its step
+
+
+def test_train_step_moves_the_aux_free_bias_after_the_optimizer_step():
+    model = moe_model("aux_free", bias_update_rate=0.1)
+    config = TrainConfig(lr=1e-2, warmup=0)
+    batch = tuple(torch.randint(50, (2, 2, 8)).unbind(0))
+    train_step(model, make_optimizer(model, config), [batch, batch], 1e-2, config, step=0)  # two micro-batches
+    assert model.blocks[0].ffn.expert_bias.abs().sum() > 0
+
+
+def test_train_step_stops_at_a_nan_loss_without_touching_the_weights():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=8, d_model=16, n_layers=1, n_heads=2))
+    before = [p.detach().clone() for p in model.parameters()]
+    config = TrainConfig()
+    x, y = torch.randint(50, (2, 2, 8)).unbind(0)
+    with pytest.raises(LilllmError, match="the loss is nan at step 5: training diverged"):
+        train_step(model, make_optimizer(model, config), [(x, y)], 1e-3, config, step=4,
+                   wrapped=lambda x, y: (None, model(x, y)[1] * float("nan")))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_settings_are_spelt_with_dashes_and_underscores_alike():
+    assert make_config("tiny", ["--out-dir=runs/x", "--model.d-model=64"]) == \
+        make_config("tiny", ["--out_dir=runs/x", "--model.d_model=64"])
+    with pytest.raises(LilllmError, match="unknown setting --out-dri: known settings are .*out-dir"):
+        make_config("tiny", ["--out-dri=runs/x"])
+    with pytest.raises(LilllmError, match="lr=nan is not a finite number"):
+        make_config("tiny", ["--lr=nan"])

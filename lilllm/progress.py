@@ -1,0 +1,73 @@
+"""What a training run shows and keeps as it goes: a progress line at every tenth of the run
+(or a tqdm bar on a terminal), the records of metrics.jsonl, and the loss curve they draw."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from lilllm.runtime import repo_path
+
+METRICS = "metrics.jsonl"
+
+
+class Progress:
+    """Reports a run of `steps` steps (or of `time_budget` seconds, whichever ends it first)."""
+
+    def __init__(self, steps: int, time_budget: float | None, first_step: int, bar: bool | None, show: bool = True):
+        self.steps, self.time_budget, self.next_line, self.bar = steps, time_budget, 0.1, None
+        self.show = show
+        if show and (sys.stderr.isatty() if bar is None else bar):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=steps, initial=first_step, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, seconds: float, loss: float, val_bpb: float | None, tokens_per_s: float) -> None:
+        val = "—" if val_bpb is None else f"{val_bpb:.4f}"
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {loss:.3f}, val {val} bpb, {tokens_per_s:,.0f} tok/s")
+            return
+        done = max(step / self.steps, seconds / self.time_budget if self.time_budget else 0.0)
+        if self.show and (done >= self.next_line or step == self.steps):
+            self.next_line = math.floor(done * 10 + 1) / 10
+            left = max(0.0, seconds * (1 - done) / max(done, 1e-9))
+            of = f"{format_seconds(self.time_budget)} budget" if self.time_budget else f"{self.steps:,}"
+            print(f"step {step:>6,} of {of} | loss {loss:.4f} | val {val} bpb | {tokens_per_s:,.0f} tok/s | "
+                  f"{format_seconds(seconds)} elapsed, ~{format_seconds(left)} left", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def append_metrics(out_dir: Path, record: dict) -> None:
+    with open(out_dir / METRICS, "a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def read_metrics(out_dir) -> list[dict]:
+    """The records of out_dir/metrics.jsonl (one JSON object per line)."""
+    path = repo_path(out_dir) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_metrics(records: list[dict], ax=None, label: str = ""):
+    """Train and val bits per byte against the step (train: the loss of each logged batch,
+    converted with the train split's bytes per token). Returns the figure."""
+    if ax is None:
+        from matplotlib.figure import Figure  # no pyplot: works without a display
+
+        ax = Figure(figsize=(7, 4)).subplots()
+    for split, style in (("train", {"alpha": 0.6}), ("val", {"marker": "o"})):
+        points = [(r["step"], r["bpb"]) for r in records if r["split"] == split]
+        if points:
+            ax.plot(*zip(*points), label=f"{label} {split}".strip(), **style)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per byte")
+    ax.legend()
+    return ax.figure
