@@ -10,6 +10,8 @@ from lilllm.sft import CopyDrill, Finetune
 from lilllm.tokenizer import DEFAULT_VOCAB_SIZE
 from lilllm.train import RECIPES
 
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: $LILLLM_DEVICE, else the best available)"
+
 
 def cmd_env(args) -> int:
     from lilllm.env import main
@@ -162,9 +164,14 @@ def cmd_bench_generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lilllm", description="Build, train, fine-tune and sample a small language model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_setup_commands, _add_training_commands, _add_sampling_commands, _add_bench_commands):
+        add(commands)
+    return parser
 
+
+def _add_setup_commands(commands) -> None:
     env = commands.add_parser("env", help="check Python, the dependencies, the device and the data")
-    env.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: $LILLLM_DEVICE, else the best available)")
+    env.add_argument("--device", help=DEVICE_HELP)
     env.set_defaults(run=cmd_env)
 
     prepare = commands.add_parser("prepare", help="train a tokenizer and write the token files of a corpus")
@@ -176,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", metavar="DIR", help="output folder (default: data/<corpus>-<tokenizer>[-<vocab size>])")
     prepare.set_defaults(run=cmd_prepare)
 
+
+def _add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="measure speed").add_subparsers(dest="target", required=True, metavar="TARGET")
     bench_tokenizer = bench.add_parser("tokenizer", help="time BPE training and encoding with tokenizers vs tiktoken")
     bench_tokenizer.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help=f"(default: {DEFAULT_VOCAB_SIZE})")
@@ -184,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_pretrain = bench.add_parser("pretrain", help="nanoGPT's CPU recipe, then the default recipe for the same time")
     bench_pretrain.add_argument("--long", action="store_true", help="also train the `long` recipe (10 minutes)")
     bench_pretrain.add_argument("--steps", type=int, help="shorten the nanoGPT run to this many steps (a quick check)")
-    bench_pretrain.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    bench_pretrain.add_argument("--device", help=DEVICE_HELP)
     bench_pretrain.set_defaults(run=cmd_bench_pretrain)
     bench_generate = bench.add_parser("generate", help="tokens/s of generation with and without the KV cache, "
                                                        "for the tiny recipe's model and the default config")
@@ -192,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="numbers of new tokens to time (default: 64 256 512 1024)")
     bench_generate.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: 16)")
     bench_generate.add_argument("--repeats", type=int, default=2, help="time each run this many times, keep the best (default: 2)")
-    bench_generate.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    bench_generate.add_argument("--device", help=DEVICE_HELP)
     bench_generate.set_defaults(run=cmd_bench_generate)
 
+
+def _add_training_commands(commands) -> None:
     train = commands.add_parser("train", help="pretrain a model (a recipe, changed with --key=value settings)",
                                 epilog="settings: any TrainConfig field as --key=value (--lr=3e-4, --steps=500, "
                                        "--out-dir=runs/mine), model fields as --model.key=value "
@@ -207,23 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="score a checkpoint on the val split, in bits per byte")
     evaluate.add_argument("checkpoint", help="a .pt file written by `lilllm train` (e.g. runs/tiny/best.pt)")
-    evaluate.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    evaluate.add_argument("--device", help=DEVICE_HELP)
     evaluate.set_defaults(run=cmd_eval)
-
-    def add_sampling_options(command):
-        command.add_argument("checkpoint", help="a .pt file written by `lilllm train` (e.g. runs/tiny/best.pt)")
-        command.add_argument("--max-new-tokens", type=int, default=200, help="the most tokens to generate (default: 200)")
-        command.add_argument("--temperature", type=float, default=1.0, help="0: greedy; <1 sharper, >1 flatter (default: 1)")
-        command.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0: off (default)")
-        command.add_argument("--top-p", type=float, default=1.0, help="keep the nucleus of mass p; 1: off (default)")
-        command.add_argument("--seed", type=int, help="make the sampling reproducible")
-        command.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
-
-    sample = commands.add_parser("sample", help="continue a prompt with a trained model")
-    add_sampling_options(sample)
-    sample.add_argument("--prompt", required=True, help="the text to continue")
-    sample.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    sample.set_defaults(run=cmd_sample)
 
     sft = commands.add_parser("sft", help="fine-tune a checkpoint on conversations, with the loss on the assistant's tokens")
     sft.add_argument("--init", metavar="CKPT", help="the checkpoint to start from (default: the pretrained tiny model, "
@@ -240,14 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--loss-on", choices=("assistant", "all"),
                      help=f"assistant: the SFT loss; all: every token, an ablation (default: {Finetune.loss_on})")
     sft.add_argument("--out", default="runs/sft", help="output folder, overwritten (default: runs/sft)")
-    sft.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    sft.add_argument("--device", help=DEVICE_HELP)
     sft.set_defaults(run=cmd_sft)
+
+
+def _add_sampling_commands(commands) -> None:
+    def add_sampling_options(command):
+        command.add_argument("checkpoint", help="a .pt file written by `lilllm train` (e.g. runs/tiny/best.pt)")
+        command.add_argument("--max-new-tokens", type=int, default=200, help="the most tokens to generate (default: 200)")
+        command.add_argument("--temperature", type=float, default=1.0, help="0: greedy; <1 sharper, >1 flatter (default: 1)")
+        command.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0: off (default)")
+        command.add_argument("--top-p", type=float, default=1.0, help="keep the nucleus of mass p; 1: off (default)")
+        command.add_argument("--seed", type=int, help="make the sampling reproducible")
+        command.add_argument("--device", help=DEVICE_HELP)
+
+    sample = commands.add_parser("sample", help="continue a prompt with a trained model")
+    add_sampling_options(sample)
+    sample.add_argument("--prompt", required=True, help="the text to continue")
+    sample.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    sample.set_defaults(run=cmd_sample)
 
     chat = commands.add_parser("chat", help="talk with a model, one line per message (stdin may be piped)")
     add_sampling_options(chat)
     chat.add_argument("--template", help="chat template by name (default: the checkpoint's, else plain)")
     chat.set_defaults(run=cmd_chat)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
