@@ -2,7 +2,6 @@
 itself catches each broken rule on small synthetic notebooks."""
 
 import pkgutil
-from pathlib import Path
 
 import nbformat
 import pytest

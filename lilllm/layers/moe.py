@@ -34,7 +34,6 @@ import dataclasses
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lilllm.config import ModelConfig
 from lilllm.layers.ffn import SwiGLU, swiglu_hidden
