@@ -25,6 +25,7 @@ from lilllm.runtime import REPO_ROOT, shown
 from lilllm.train import BEST, CONFIG_FILE, make_config, train
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+SOLUTIONS_DIR = NOTEBOOKS_DIR / "solutions"  # NN_topic_solutions.ipynb: a worked answer to every exercise
 FIGURES_DIR = REPO_ROOT / "figures"
 QUICK_ENV_VAR = "LILLLM_QUICK"
 # One look for every figure of the course.
@@ -62,15 +63,45 @@ def setup_notebook(seed: int = 0) -> None:
     plt.rcParams.update(STYLE)
 
 
-def show_source(obj) -> None:
-    """Display the source code of a lilllm function or class (highlighted in Jupyter)."""
-    source = inspect.getsource(obj)
+def show_source(obj, part: str | None = None, fold_after: int = 40) -> None:
+    """Show the finished code of a lilllm function or class, under its file's name, as one
+    Markdown listing (in a terminal: plain text). `part` shows only the block that starts at
+    the first line containing it (`show_source(Run, part="def step")`); a listing longer than
+    `fold_after` lines is folded, one click away."""
+    lines, first = inspect.getsourcelines(obj)
+    if part is not None:
+        starts = [i for i, line in enumerate(lines) if part in line]
+        if not starts:
+            raise LilllmError(f"{part!r} is not in the source of {obj.__qualname__}")
+        start = starts[0]
+        end = _block_end(lines, start)
+        lines, first = lines[start:end], first + start
+    path = Path(inspect.getsourcefile(obj)).resolve().relative_to(REPO_ROOT).as_posix()
+    title = f"{path}, lines {first}–{first + len(lines) - 1}: {obj.__qualname__}" + (f" ({part.strip()} …)" if part else "")
+    listing = "```python\n" + "".join(lines).rstrip() + "\n```"
     try:
-        from IPython.display import Code, display
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
     except ImportError:
-        print(source)
+        get_ipython = None
+    if get_ipython is None or get_ipython() is None:
+        print(f"# {title}\n" + "".join(lines).rstrip())
+    elif len(lines) > fold_after:
+        display(Markdown(f"<details><summary><code>{title}</code> ({len(lines)} lines: click to open)</summary>\n\n"
+                         f"{listing}\n\n</details>"))
     else:
-        display(Code(source, language="python"))
+        display(Markdown(f"`{title}`\n\n{listing}"))
+
+
+def _block_end(lines: list[str], start: int) -> int:
+    """The index after the indented block that begins at lines[start]: the first later line
+    indented no deeper than it (closing brackets excepted)."""
+    depth = len(lines[start]) - len(lines[start].lstrip())
+    for i in range(start + 1, len(lines)):
+        stripped = lines[i].strip()
+        if stripped and len(lines[i]) - len(lines[i].lstrip()) <= depth and stripped[0] not in ")]}":
+            return i
+    return len(lines)
 
 
 def save_figure(fig, name: str) -> Path:
@@ -104,7 +135,7 @@ class Chapter:
 
 CURRICULUM = (
     Chapter("00_setup", "the map, the environment check, the data and its split",
-            ("lilllm.runtime", "lilllm.env", "lilllm.data", "lilllm.course", "lilllm.cli")),
+            ("lilllm.runtime", "lilllm.env", "lilllm.data", "lilllm.course", "lilllm.diagrams", "lilllm.cli")),
     Chapter("01_tokenizer", "characters → bytes → byte-level BPE, served by tiktoken; token files",
             ("lilllm.tokenizer", "lilllm.data")),
     Chapter("02_rmsnorm", "LayerNorm → RMSNorm", ("lilllm.layers.norm",)),
@@ -163,15 +194,16 @@ def _settings_of(run_dir: Path) -> dict | None:
 # --- re-executing notebooks --------------------------------------------------------------------
 
 def execute_notebooks(names: list[str] | None = None, timeout: int = 1800) -> None:
-    """Re-execute notebooks in place, in course order, in a fresh kernel of this Python,
-    with full (not quick) settings, so committed outputs always come from a real run.
-    `names` selects notebooks by file name or prefix ("03", "03_rope"); default all."""
+    """Re-execute notebooks in place, in course order (the chapters, then their solutions),
+    each in a fresh kernel of this Python, with full (not quick) settings, so committed outputs
+    always come from a real run. `names` selects notebooks by file name or prefix ("03" is
+    chapter 03 and its solutions, "03_rope_solutions" the solutions alone); default all."""
     try:
         import nbformat
         from nbclient import NotebookClient
     except ImportError:
         raise LilllmError('executing notebooks needs the dev extra: run `pip install -e ".[dev]"`') from None
-    paths = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+    paths = sorted(NOTEBOOKS_DIR.glob("*.ipynb")) + sorted(SOLUTIONS_DIR.glob("*.ipynb"))
     if names:
         chosen = [p for p in paths if any(p.name.startswith(name) for name in names)]
         unknown = [n for n in names if not any(p.name.startswith(n) for p in paths)]
@@ -186,7 +218,7 @@ def execute_notebooks(names: list[str] | None = None, timeout: int = 1800) -> No
         notebook = nbformat.read(path, as_version=4)
         client = NotebookClient(
             notebook, timeout=timeout, kernel_name="python3", record_timing=False,
-            resources={"metadata": {"path": str(NOTEBOOKS_DIR)}},
+            resources={"metadata": {"path": str(path.parent)}},
         )
         client.execute()
         nbformat.write(notebook, path)

@@ -8,10 +8,11 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 import lilllm
-from lilllm.course import CURRICULUM, NOTEBOOKS_DIR, Chapter
-from tests.hygiene import course_problems, notebook_problems
+from lilllm.course import CURRICULUM, NOTEBOOKS_DIR, SOLUTIONS_DIR, Chapter
+from tests.hygiene import course_problems, notebook_problems, prose_problems, solution_problems
 
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+SOLUTIONS = sorted(SOLUTIONS_DIR.glob("*.ipynb"))
 PUBLIC_MODULES = sorted(
     info.name for info in pkgutil.walk_packages(lilllm.__path__, "lilllm.")
     if not info.ispkg and not any(part.startswith("_") for part in info.name.split("."))
@@ -21,6 +22,50 @@ PUBLIC_MODULES = sorted(
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_committed_notebook_follows_the_rules(path):
     assert notebook_problems(path) == []
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_committed_solutions_follow_the_rules(path):
+    assert notebook_problems(path) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_exercise_has_a_solution(path):
+    assert solution_problems(path, SOLUTIONS_DIR) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda p: p.name)
+def test_no_run_dependent_number_is_typed_into_markdown(path):
+    assert prose_problems(path) == []
+
+
+def test_the_prose_checker_catches_a_typed_number_and_accepts_printed_asserted_and_quoted_ones(tmp_path):
+    notebook = good_notebook()
+    notebook.cells.append(new_markdown_cell("The cache is about 5x faster, at 1,234 tok/s."))
+    problems = prose_problems(write(tmp_path, notebook))
+    assert len(problems) == 2 and "'5x'" in problems[0] and "'1,234 tok/s'" in problems[1], problems
+    notebook.cells.append(new_code_cell("assert 4 < speedup < 5  # seed=1234", execution_count=3, outputs=[
+        new_output("stream", name="stdout", text="speed 1234.4 tokens/s\n")]))
+    assert prose_problems(write(tmp_path, notebook)) == []
+    notebook.cells[-1].source = "assert speedup > 4 and seed == 5"  # 5 is bounded, 1234 no longer printed
+    notebook.cells[-1].outputs = []
+    assert prose_problems(write(tmp_path, notebook)) == [problems[1]]
+    notebook.cells[-2].source += "\n<!-- quoted: 1,234 tok/s, from the paper -->\n\n```\nlilllm bench  # 9x\n```"
+    assert prose_problems(write(tmp_path, notebook)) == []
+
+
+def test_the_solutions_checker_catches_a_missing_and_a_skipped_solution(tmp_path):
+    chapter = good_notebook()
+    chapter.cells.append(new_markdown_cell("## Exercises\n\n1. One thing.\n2. Another,\n   on two lines.\n"))
+    path = write(tmp_path, chapter)
+    assert any("no 03_topic_solutions.ipynb" in p for p in solution_problems(path, tmp_path))
+    solutions = good_notebook()
+    solutions.cells.append(new_markdown_cell("## Solution 1\n\nDone."))
+    write(tmp_path, solutions, "03_topic_solutions.ipynb")
+    assert any("solutions [1] for exercises [1, 2]" in p for p in solution_problems(path, tmp_path))
+    solutions.cells.append(new_markdown_cell("## Solution 2\n\nDone too."))
+    write(tmp_path, solutions, "03_topic_solutions.ipynb")
+    assert solution_problems(path, tmp_path) == []
 
 
 def test_course_is_numbered_mapped_and_teaches_every_module():
