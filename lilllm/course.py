@@ -196,8 +196,8 @@ def _settings_of(run_dir: Path) -> dict | None:
 def execute_notebooks(names: list[str] | None = None, timeout: int = 1800) -> None:
     """Re-execute notebooks in place, in course order (the chapters, then their solutions),
     each in a fresh kernel of this Python, with full (not quick) settings, so committed outputs
-    always come from a real run. `names` selects notebooks by file name or prefix ("03" is
-    chapter 03 and its solutions, "03_rope_solutions" the solutions alone); default all."""
+    always come from a real run. `names` selects notebooks by name ("03_rope", "03_rope_solutions")
+    or prefix ("03": chapter 03 and its solutions); default all."""
     try:
         import nbformat
         from nbclient import NotebookClient
@@ -205,7 +205,9 @@ def execute_notebooks(names: list[str] | None = None, timeout: int = 1800) -> No
         raise LilllmError('executing notebooks needs the dev extra: run `pip install -e ".[dev]"`') from None
     paths = sorted(NOTEBOOKS_DIR.glob("*.ipynb")) + sorted(SOLUTIONS_DIR.glob("*.ipynb"))
     if names:
-        chosen = [p for p in paths if any(p.name.startswith(name) for name in names)]
+        stems = {p.stem for p in paths}  # a full name selects that notebook alone
+        chosen = [p for p in paths if any(p.stem == name or (p.name.startswith(name) and name not in stems)
+                                          for name in names)]
         unknown = [n for n in names if not any(p.name.startswith(n) for p in paths)]
         if unknown:
             raise LilllmError(f"no notebook matches {', '.join(unknown)}: choose from {', '.join(p.stem for p in paths)}")
