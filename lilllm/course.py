@@ -9,9 +9,12 @@ model later chapters start from, and re-executing notebooks in place:
 import inspect
 import json
 import os
+import platform
 import random
 import shutil
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +105,26 @@ def _block_end(lines: list[str], start: int) -> int:
         if stripped and len(lines[i]) - len(lines[i].lstrip()) <= depth and stripped[0] not in ")]}":
             return i
     return len(lines)
+
+
+def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
+    """The median wall time of fn() in seconds over `repeats` calls, after `warmup` calls that
+    are not measured (first calls allocate and warm caches): one busy moment does not move it.
+    Timing cells report ratios of these, never a single run."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    """Where a timing ran, in one line: processor, the threads PyTorch uses, PyTorch's version."""
+    processor = platform.processor() or platform.machine()
+    return f"{processor}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def save_figure(fig, name: str) -> Path:

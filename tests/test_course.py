@@ -1,0 +1,37 @@
+"""The notebook helpers: show_source's listing and its parts, the timing helpers."""
+
+import pytest
+import torch
+
+from lilllm import LilllmError
+from lilllm.course import _block_end, machine, median_seconds, show_source
+from lilllm.train import Run
+
+
+def test_median_seconds_warms_up_then_measures_each_repeat():
+    calls = []
+    seconds = median_seconds(lambda: calls.append(1), repeats=5, warmup=3)
+    assert len(calls) == 8 and seconds >= 0
+
+
+def test_machine_names_threads_and_torch():
+    line = machine()
+    assert f"{torch.get_num_threads()} threads" in line and torch.__version__ in line
+
+
+def test_show_source_prints_a_part_under_its_path_and_lines(capsys):
+    show_source(Run, part="def log_train")  # outside IPython: plain text
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# lilllm/train.py, lines ") and "Run (def log_train" in lines[0]
+    assert lines[1].strip().startswith("def log_train") and "def evaluate" not in "\n".join(lines)
+
+
+def test_show_source_refuses_a_part_that_is_not_there():
+    with pytest.raises(LilllmError, match="not in the source of Run"):
+        show_source(Run, part="def no_such_method")
+
+
+def test_block_end_keeps_closing_brackets_and_stops_at_the_next_statement():
+    lines = ["def f(\n", "    a,\n", "):\n", "    return a\n", "\n", "def g():\n"]
+    assert _block_end(lines, 0) == 5
+    assert _block_end(["    x = [\n", "        1,\n", "    ]\n", "    y = 2\n"], 0) == 3
