@@ -17,25 +17,27 @@ HEAD_COLOURS = plt.get_cmap("tab10").colors
 # The model from input to output: (label, the chapters that build the part, y, height), drawn
 # bottom to top, the way data flows. The dashed box is the decoder block that repeats.
 PARTS = (
-    ("text → token ids\n(byte-level BPE, tiktoken)", ("01",), 0.0, 0.8),
-    ("token embedding", ("05",), 1.3, 0.6),
-    ("RMSNorm", ("02",), 2.5, 0.5),
-    ("attention: GQA + RoPE + KV cache\n(or PLGA)", ("03", "04", "06"), 3.3, 0.8),
-    ("RMSNorm", ("02",), 4.7, 0.5),
-    ("feed-forward: SwiGLU\n(or mixture-of-experts)", ("05", "07"), 5.5, 0.8),
-    ("final RMSNorm", ("02",), 7.0, 0.5),
-    ("output head → logits", ("05",), 7.8, 0.6),
-    ("next-token loss: pretraining, SFT mask\n| sampling: greedy, top-k, top-p", ("08", "09", "10"), 8.8, 0.8),
+    ("text → token ids\n(byte-level BPE, tiktoken)", "tokens", ("01",), 0.0, 0.8),
+    ("token embedding", "embedding", ("05",), 1.3, 0.6),
+    ("RMSNorm", "RMSNorm", ("02",), 2.5, 0.5),
+    ("attention: GQA + RoPE + KV cache\n(or PLGA)", "attention\n(RoPE, GQA, PLGA)", ("03", "04", "06"), 3.3, 0.8),
+    ("RMSNorm", "RMSNorm", ("02",), 4.7, 0.5),
+    ("feed-forward: SwiGLU\n(or mixture-of-experts)", "feed-forward\n(SwiGLU, MoE)", ("05", "07"), 5.5, 0.8),
+    ("final RMSNorm", "final norm", ("02",), 7.0, 0.5),
+    ("output head → logits", "head → logits", ("05",), 7.8, 0.6),
+    ("next-token loss: pretraining, SFT mask\n| sampling: greedy, top-k, top-p", "train · SFT\n· sample", ("08", "09", "10"),
+     8.8, 0.8),
 )
-BLOCK = (2.3, 6.45)  # the decoder block's extent in y
+BLOCK = (2.3, 6.45)  # the decoder block's extent in y: the parts between repeat
 
 
 def architecture(chapter: str | None = None):
     """The model this course builds, each part labelled with the notebooks that teach it.
-    `chapter` ("04" or "04_attention") paints that chapter's parts orange and greys the rest."""
+    `chapter` ("04" or "04_attention") paints that chapter's parts orange and greys the rest
+    (chapters open with the same parts in one row: `where_we_are`)."""
     number = chapter[:2] if chapter else None
     fig, ax = plt.subplots(figsize=(7.5, 7.5) if number is None else (6.0, 6.0))
-    for label, chapters, y, height in PARTS:
+    for label, _, chapters, y, height in PARTS:
         if number is None:
             face, edge = (PALE_BLUE if BLOCK[0] <= y <= BLOCK[1] else PALE_GREY), BLUE
         else:
@@ -46,7 +48,7 @@ def architecture(chapter: str | None = None):
                 color="black" if number in (None, *chapters) else GREY)
         ax.text(5.6, y + height / 2, "notebook " + ", ".join(chapters), va="center", fontsize=8,
                 color="#a0522d" if number in (None, *chapters) else "#bbbbbb")
-    for (_, _, y0, h0), (_, _, y1, _) in zip(PARTS, PARTS[1:]):
+    for (*_, y0, h0), (*_, y1, _) in zip(PARTS, PARTS[1:]):
         ax.annotate("", xy=(3.2, y1 - 0.05), xytext=(3.2, y0 + h0 + 0.05), arrowprops=dict(arrowstyle="->", color="#555"))
     ax.add_patch(FancyBboxPatch((0.5, BLOCK[0]), 4.8, BLOCK[1] - BLOCK[0], boxstyle="round,pad=0.05", fill=False,
                                 linestyle="--", edgecolor=GREY))
@@ -62,9 +64,25 @@ def architecture(chapter: str | None = None):
 
 
 def where_we_are(notebook: str) -> None:
-    """Show the architecture with this notebook's parts highlighted: every chapter opens
-    with it (`where_we_are("04_attention")`)."""
-    architecture(notebook)
+    """Every chapter opens with this: the architecture of `architecture()` as one row, left to
+    right, this notebook's parts in orange (`where_we_are("04_attention")`)."""
+    number = notebook[:2]
+    step = 1.3  # box width + gap
+    fig, ax = plt.subplots(figsize=(11, 1.3), dpi=80)
+    for i, (_, short, chapters, y, _) in enumerate(PARTS):
+        here = number in chapters
+        ax.add_patch(FancyBboxPatch((i * step, 0), step - 0.2, 0.8, boxstyle="round,pad=0.02", linewidth=2 if here else 1,
+                                    facecolor="#fbd9c0" if here else "white", edgecolor=ORANGE if here else "#bbbbbb"))
+        ax.text(i * step + (step - 0.2) / 2, 0.4, short, ha="center", va="center", fontsize=7.5, color="black" if here else GREY)
+        if i:
+            ax.annotate("", xy=(i * step, 0.4), xytext=(i * step - 0.2, 0.4), arrowprops=dict(arrowstyle="->", color="#999"))
+    in_block = [i for i, part in enumerate(PARTS) if BLOCK[0] <= part[3] <= BLOCK[1]]
+    ax.add_patch(FancyBboxPatch((in_block[0] * step - 0.07, -0.1), len(in_block) * step - 0.06, 1.0,
+                                boxstyle="round,pad=0.02", fill=False, linestyle="--", edgecolor=GREY))
+    ax.text(in_block[0] * step + len(in_block) * step / 2, 1.0, "decoder block × n_layers", ha="center", fontsize=7.5, color=GREY)
+    ax.set(xlim=(-0.1, len(PARTS) * step), ylim=(-0.15, 1.2))
+    ax.axis("off")
+    ax.set_title(f"Where notebook {number} sits (orange)", fontsize=9, loc="left")
     plt.show()
 
 

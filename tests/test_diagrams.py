@@ -60,3 +60,12 @@ def test_moe_dispatch_counts_each_experts_load():
 def test_sft_mask_colours_the_supervised_tokens():
     fig = diagrams.sft_mask(["<|user|>", "hi", "<|assistant|>", "yo", "<|end|>"], [0, 0, 0, 1, 1])
     assert len(faces(fig, "#b7e4c7")) == 2
+
+
+@pytest.mark.parametrize("chapter, n_parts", [("04_attention", 1), ("02_rmsnorm", 3), ("08_pretraining", 1)])
+def test_where_we_are_shows_one_row_with_the_chapters_parts_in_orange(monkeypatch, chapter, n_parts):
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(plt.gcf()))
+    assert diagrams.where_we_are(chapter) is None
+    (fig,) = shown
+    assert len(faces(fig, "#fbd9c0")) == n_parts and len(faces(fig, "#ffffff")) == len(diagrams.PARTS) - n_parts
