@@ -72,15 +72,17 @@ def show_source(obj, part: str | None = None, fold_after: int = 40) -> None:
     the first line containing it (`show_source(Run, part="def step")`); a listing longer than
     `fold_after` lines is folded, one click away."""
     lines, first = inspect.getsourcelines(obj)
+    first = max(first, 1)  # a module's source starts at line 0 for inspect
+    name = getattr(obj, "__qualname__", obj.__name__)
     if part is not None:
         starts = [i for i, line in enumerate(lines) if part in line]
         if not starts:
-            raise LilllmError(f"{part!r} is not in the source of {obj.__qualname__}")
+            raise LilllmError(f"{part!r} is not in the source of {name}")
         start = starts[0]
         end = _block_end(lines, start)
         lines, first = lines[start:end], first + start
     path = Path(inspect.getsourcefile(obj)).resolve().relative_to(REPO_ROOT).as_posix()
-    title = f"{path}, lines {first}–{first + len(lines) - 1}: {obj.__qualname__}" + (f" ({part.strip()} …)" if part else "")
+    title = f"{path}, lines {first}–{first + len(lines) - 1}: {name}" + (f" ({part.strip()} …)" if part else "")
     listing = "```python\n" + "".join(lines).rstrip() + "\n```"
     try:
         from IPython import get_ipython

@@ -35,3 +35,10 @@ def test_block_end_keeps_closing_brackets_and_stops_at_the_next_statement():
     lines = ["def f(\n", "    a,\n", "):\n", "    return a\n", "\n", "def g():\n"]
     assert _block_end(lines, 0) == 5
     assert _block_end(["    x = [\n", "        1,\n", "    ]\n", "    y = 2\n"], 0) == 3
+
+
+def test_show_source_shows_a_module_from_its_first_line(capsys):
+    import lilllm.layers.norm as norm
+    show_source(norm)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("# lilllm/layers/norm.py, lines 1–") and first.endswith(": lilllm.layers.norm")
