@@ -127,12 +127,10 @@ def cmd_chat(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from pathlib import Path
-
     from lilllm.chat import load_conversations
     from lilllm.course import pretrained_checkpoint
     from lilllm.next_speaker import chat_dataset
-    from lilllm.sft import COPY_STEPS, finetune, teach_copying
+    from lilllm.sft import COPY_STEPS, copy_drill_checkpoint, finetune
 
     init = args.init or pretrained_checkpoint()
     train_file, val_file = args.data, args.val
@@ -143,9 +141,8 @@ def cmd_sft(args) -> int:
         if path is not None:
             load_conversations(path)  # a missing or malformed file fails now, not after the drill
     copy_steps = COPY_STEPS if args.copy_steps is None else args.copy_steps
-    if copy_steps > 0:
-        print(f"the copy drill, {copy_steps} steps, then fine-tuning (--copy-steps 0 skips the drill)")
-        init = teach_copying(init, steps=copy_steps, out_dir=Path(args.out) / "copy-drill", device=args.device).checkpoint
+    if copy_steps > 0:  # drilled once per starting checkpoint and settings, then reused (--copy-steps 0 skips it)
+        init = copy_drill_checkpoint(init, steps=copy_steps, device=args.device)
     changes = {name: getattr(args, name) for name in ("steps", "batch_size", "lr", "loss_on")
                if getattr(args, name) is not None}
     result = finetune(init, train_file, val_file, out_dir=args.out, device=args.device, **changes)
@@ -229,7 +226,8 @@ def _add_training_commands(commands) -> None:
     sft.add_argument("--val", metavar="FILE.jsonl", help="val conversations for the val loss (default: the built set's, "
                                                          "without --data; else none)")
     sft.add_argument("--copy-steps", type=int, metavar="N", help="steps of the copy drill before fine-tuning, 0 for "
-                                                                 f"none (default: {CopyDrill.steps})")
+                                                                 f"none (default: {CopyDrill.steps}; drilled once per "
+                                                                 "checkpoint and settings, cached in runs/copy-drill-*)")
     sft.add_argument("--steps", type=int, help=f"(default: {Finetune.steps})")
     sft.add_argument("--batch-size", type=int, help=f"conversations per step (default: {Finetune.batch_size})")
     sft.add_argument("--lr", type=float, help=f"peak learning rate (default: {Finetune.lr})")

@@ -11,7 +11,8 @@ split only, as they are. JSONL files under data/sft/.
 
 Measured: the model's choice among the excerpt's speakers by likelihood (spelling aside),
 and answers without a model, among them the order rule, the best that who-spoke-when alone
-can tell.
+can tell. A noisier variant replaces the speeches' lines with random word pieces
+(`with_noisy_lines`): users whose text a model should not learn to write.
 """
 
 import json
@@ -155,25 +156,49 @@ def chat_dataset(tokenizer: Tokenizer | None = None, block_size: int = 128) -> d
 # --- measuring answers -----------------------------------------------------------------------
 
 @torch.no_grad()
-def choice_accuracy(model: GPT, tokenizer: Tokenizer, conversations) -> dict:
+def choice_accuracy(model: GPT, tokenizer: Tokenizer, conversations, batch_size: int = 64) -> dict:
     """Accuracy when the model only has to choose, not to spell: for each conversation, the
     speaker of its excerpt whose name (with <|end|>) the model finds most probable as the reply,
-    scored as the masked loss of that reply summed over its tokens. {"accuracy", "choices"}"""
+    scored as the masked loss of that reply summed over its tokens. The candidates of all
+    conversations go through the model in batches of `batch_size` rows (right padding, never
+    scored, changes nothing before it). {"accuracy", "choices", "hits"}"""
     model.eval()
     device, pad_id = next(model.parameters()).device, tokenizer.special_ids[BEGIN]
-    choices = []
-    for conversation in conversations:
-        names = list(dict.fromkeys(speakers_in(conversation)))
-        replies = [render_conversation(tokenizer, conversation[:-1] + [{"role": "assistant", "content": name}])
-                   for name in names]
-        x, y = (t.to(device) for t in collate([training_pair(*reply, model.config.block_size) for reply in replies],
-                                               pad_id))  # (candidates, T) each
+    candidates = [(i, name) for i, c in enumerate(conversations) for name in dict.fromkeys(speakers_in(c))]
+    pairs = [training_pair(*render_conversation(tokenizer, conversations[i][:-1] + [{"role": "assistant", "content": name}]),
+                           model.config.block_size) for i, name in candidates]
+    nats = []
+    for start in range(0, len(pairs), batch_size):
+        x, y = (t.to(device) for t in collate(pairs[start:start + batch_size], pad_id))  # (rows, T) each
         with autocast_context(device):
-            logits, _ = model(x)  # (candidates, T, vocab)
-        nats = torch.stack([summed_cross_entropy(row_logits, row_y) for row_logits, row_y in zip(logits, y)])  # (candidates,)
-        choices.append(names[nats.argmin().item()])
+            logits, _ = model(x)  # (rows, T, vocab)
+        nats += [summed_cross_entropy(row_logits, row_y).item() for row_logits, row_y in zip(logits, y)]
+    best = {}
+    for (i, name), value in zip(candidates, nats):  # the first of equal candidates wins, as argmin would
+        if i not in best or value < best[i][1]:
+            best[i] = (name, value)
+    choices = [best[i][0] for i in range(len(conversations))]
     hits = [choice == c[-1]["content"] for choice, c in zip(choices, conversations)]
-    return {"accuracy": sum(hits) / len(hits), "choices": choices}
+    return {"accuracy": sum(hits) / len(hits), "choices": choices, "hits": hits}
+
+
+# --- a noisier task: the same question, the speeches' lines replaced by noise ----------------
+
+def noise_pieces(tokenizer: Tokenizer) -> list[str]:
+    """The vocabulary's pieces that are a word or a space and a word (letters only): noise
+    that cannot break the excerpt's layout (no newline, no colon)."""
+    pieces = (tokenizer.decode([i]) for i in range(tokenizer.ordinary_vocab_size))
+    return sorted({piece for piece in pieces if re.fullmatch(r" ?[A-Za-z]+", piece)})
+
+
+def with_noisy_lines(conversation, tokenizer: Tokenizer, pieces: list[str], rng: random.Random) -> dict:
+    """The conversation with each speech's line replaced by as many random `pieces` as the
+    line has tokens: the speakers and their order stay, the words become noise that no model
+    can predict (a user who pastes garbage around the question)."""
+    turns = excerpt_turns(conversation)
+    noisy = ["".join(rng.choice(pieces) for _ in tokenizer.encode(line)).strip() for _, line in turns]
+    excerpt = "\n\n".join(f"{speaker}:\n{line}" for (speaker, _), line in zip(turns, noisy))
+    return {"messages": [{"role": "user", "content": f"{excerpt}\n\n{QUESTION}"}, dict(conversation[-1])]}
 
 
 def speaker_order(conversation) -> tuple[str, str]:

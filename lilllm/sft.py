@@ -11,15 +11,22 @@
    ignore index of the model's cross-entropy: the loss is the mean over supervised tokens.
    A conversation longer than the context (block_size + 1 tokens) is rejected with an error,
    never truncated: a cut could drop the very answer the example is for.
-3. A copy drill before fine-tuning: random token sequences shown twice, the loss on the second
-   copy. A model pretrained for minutes cannot copy a name it has never seen (it has no
-   induction heads); after a few thousand drill steps it can, and the answers are names to copy.
+3. A copy drill before fine-tuning (optional): random token sequences shown twice, the loss on
+   the second copy, with rows of ordinary text mixed in if asked (`text_rows`). A model
+   pretrained for minutes cannot copy a name it has never seen (it has no induction heads);
+   after a few thousand drill steps it can. `copy_drill_checkpoint` caches the drilled model,
+   keyed by the starting checkpoint and the drill's settings.
 4. Fine-tuning and the drill run the trainer's own step (`lilllm.train.train_step`): the
    same optimizer, clipping, NaN check and after-step updates as pretraining, with the
    pretrained run's settings. The checkpoint names its chat template, so `lilllm chat` uses it.
-5. Evaluation: exact-match accuracy of greedy answers, generated with `lilllm.sampling`.
+5. Evaluation: exact-match accuracy of greedy answers, generated with `lilllm.sampling`, or
+   per item in one forward pass (`greedy_hits`); two models compared on the same items with a
+   paired bootstrap and a sign-flip test (`paired_difference`).
+6. A run is reused when asked (`reuse=True`): out_dir keeps the key it was trained for (the
+   starting checkpoint's and the data's sha256, the settings), and an equal key loads it.
 """
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -28,14 +35,41 @@ from pathlib import Path
 import torch
 
 from lilllm import LilllmError
-from lilllm.chat import BEGIN, TEMPLATE_NAME, chat_prompt, load_conversations, render_conversation, stop_ids
+from lilllm.chat import (
+    BEGIN,
+    TEMPLATE_NAME,
+    chat_prompt,
+    load_conversations,
+    render_conversation,
+    stop_ids,
+)
 from lilllm.checkpoint import load_model, save_checkpoint
 from lilllm.config import check_keys
+from lilllm.data import get_batch
 from lilllm.model import GPT, IGNORE_INDEX, summed_cross_entropy
-from lilllm.runtime import autocast_context, repo_path, write_atomically
+from lilllm.progress import read_metrics
+from lilllm.runtime import (
+    REPO_ROOT,
+    autocast_context,
+    repo_path,
+    shown,
+    write_atomically,
+)
 from lilllm.sampling import generate
 from lilllm.tokenizer import Tokenizer
-from lilllm.train import LAST, METRICS, config_from_dict, learning_rate, make_optimizer, train_step
+from lilllm.train import (
+    LAST,
+    METRICS,
+    config_from_dict,
+    learning_rate,
+    load_data,
+    make_optimizer,
+    train_step,
+)
+
+RECIPE = 1  # bumped when a drill or fine-tuning with the same settings would come out different
+KEY_FILE = "run_key.json"  # what a finished run in out_dir was trained for
+DRILL_ROOT = REPO_ROOT / "runs"  # where copy_drill_checkpoint caches drilled models
 
 # --- training pairs ---------------------------------------------------------------------------
 
@@ -138,6 +172,40 @@ def _settings(cls, changes: dict):
     return settings
 
 
+def _sha256(path) -> str:
+    return hashlib.sha256(repo_path(path).read_bytes()).hexdigest()
+
+
+def _run_key(kind: str, init, settings: dict, files=()) -> dict:
+    """What a run's result depends on: its kind, the code's recipe, the starting checkpoint's
+    and the data files' contents, and the settings."""
+    return {"kind": kind, "recipe": RECIPE, "init": _sha256(init), "data": [_sha256(f) for f in files],
+            "settings": settings}
+
+
+def _cached(out_dir, key: dict, device) -> SFTResult | None:
+    """The finished run in out_dir if it was trained for `key`, else None."""
+    out = repo_path(out_dir)
+    try:
+        if json.loads((out / KEY_FILE).read_text()) != key or not (out / LAST).exists():
+            return None
+    except (OSError, ValueError):
+        return None
+    model, tokenizer, _ = load_model(out / LAST, device)
+    return SFTResult(model.eval(), tokenizer, read_metrics(out), out / LAST)
+
+
+def _keyed(out_dir, key: dict, reuse: bool, device, train) -> SFTResult:
+    """`train()`'s result, or with `reuse` the run already in out_dir if trained for `key`;
+    the key is written once the run has finished."""
+    if reuse and (result := _cached(out_dir, key, device)) is not None:
+        return result
+    (repo_path(out_dir) / KEY_FILE).unlink(missing_ok=True)  # out_dir is being overwritten
+    result = train()
+    write_atomically(repo_path(out_dir) / KEY_FILE, json.dumps(key))
+    return result
+
+
 # --- a copy drill: teaching the model to copy before it fine-tunes ------------------------------
 
 @dataclass
@@ -146,7 +214,9 @@ class CopyDrill:
     copying appears within a few hundred."""
 
     steps: int = 4000
-    batch_size: int = 16
+    batch_size: int = 16  # copy rows per step
+    text_rows: int = 0  # rows of ordinary train text per step, every token scored: the language model is kept
+    text_twice: bool = False  # each text row a passage shown twice: copying real text is rewarded too
     lr: float = 1e-3  # constant after a short warmup, without weight decay: nothing pulls the circuit back
     eval_interval: int = 250
     seed: int = 0
@@ -169,6 +239,19 @@ def copy_drill_batch(batch_size: int, block_size: int, vocab_size: int, generato
     return x[:, :-1], y
 
 
+def text_batch(tokens, rows: int, block_size: int, generator: torch.Generator, twice: bool = False):
+    """(x, y) of `rows` rows of ordinary text, (rows, T) each, every target scored: random
+    windows of `tokens`, or (`twice`) a passage of block_size/2 tokens shown twice in a row, so
+    that the first copy trains the language model and the second rewards copying real text."""
+    if not twice:
+        return get_batch(tokens, rows, block_size, generator)
+    half = block_size // 2
+    x, y = get_batch(tokens, rows, half, generator)  # (rows, half) each
+    passage = torch.cat([x, y[:, -1:]], dim=1)  # (rows, half + 1)
+    rows_ = torch.cat([passage[:, :half], passage, passage[:, :block_size - 2 * half]], dim=1)  # (rows, T + 1)
+    return rows_[:, :-1], rows_[:, 1:]
+
+
 @torch.no_grad()
 def repeat_accuracy(model: GPT, tokens: torch.Tensor, n: int = 32, length: int = 30, seed: int = 0) -> tuple[float, float]:
     """Greedy next-token accuracy on the first and on the second copy of n passages of `tokens`
@@ -186,19 +269,49 @@ def repeat_accuracy(model: GPT, tokens: torch.Tensor, n: int = 32, length: int =
     return hits[:, :length - 1].mean().item(), hits[:, length:].mean().item()
 
 
-def teach_copying(init, *, out_dir="runs/copy-drill", device: str | None = None, log=print, **changes) -> SFTResult:
+def teach_copying(init, *, out_dir="runs/copy-drill", device: str | None = None, log=print, reuse: bool = False,
+                  **changes) -> SFTResult:
     """Train the model of checkpoint `init` on the copy drill (settings: `CopyDrill`, changed
-    by keyword). Every `eval_interval` steps: the repeat accuracy on the second copy of fixed
-    random sequences. Writes out_dir/last.pt, a checkpoint `finetune` can start from."""
+    by keyword): copy rows, and `text_rows` rows of the pretraining text if asked. Every
+    `eval_interval` steps: the repeat accuracy on the second copy of fixed random sequences.
+    Writes out_dir/last.pt, a checkpoint `finetune` can start from (`reuse`: see the module)."""
     drill = _settings(CopyDrill, changes)
+    key = _run_key("copy-drill", init, asdict(drill))
+    return _keyed(out_dir, key, reuse, device, lambda: _drill(init, drill, out_dir, device, log))
+
+
+def _drill(init, drill: CopyDrill, out_dir, device, log) -> SFTResult:
     model, tokenizer, state = load_model(init, device)
     vocab_size, block_size = tokenizer.ordinary_vocab_size, model.config.block_size
     probe = torch.randint(vocab_size, (4096,), generator=torch.Generator().manual_seed(drill.seed + 1))  # never trained on
-    settings = {**asdict(drill), "min_lr": drill.lr, "warmup": 50, "weight_decay": 0.0}
-    return _fit(model, tokenizer, state, settings,
-                draw_batch=lambda generator: copy_drill_batch(drill.batch_size, block_size, vocab_size, generator),
+    settings = {k: v for k, v in asdict(drill).items() if k not in ("text_rows", "text_twice")}
+    settings = {**settings, "min_lr": drill.lr, "warmup": 50, "weight_decay": 0.0}
+    text = load_data(config_from_dict(json.loads(state["train_config"]))).train if drill.text_rows else None
+
+    def draw_batch(generator):
+        x, y = copy_drill_batch(drill.batch_size, block_size, vocab_size, generator)  # (B, T) each
+        if text is None:
+            return x, y
+        x_text, y_text = text_batch(text, drill.text_rows, block_size, generator, drill.text_twice)  # (text_rows, T)
+        return torch.cat([x, x_text]), torch.cat([y, y_text])
+
+    return _fit(model, tokenizer, state, settings, draw_batch,
                 evaluate=lambda: {"repeat_accuracy": repeat_accuracy(model, probe)[1]},
                 out_dir=out_dir, log=log, extra={"copy_drill_steps": drill.steps})
+
+
+def copy_drill_checkpoint(init, *, device: str | None = None, log=print, **changes) -> Path:
+    """The checkpoint of the copy drill (settings: `CopyDrill`, changed by keyword) run on the
+    model of checkpoint `init`: drilled on first use, then cached in runs/copy-drill-<key>/,
+    named by a hash of the starting checkpoint's contents and the settings (like the pretrained
+    model of `lilllm.course`), so `lilllm sft` does not drill again."""
+    key = _run_key("copy-drill", init, asdict(_settings(CopyDrill, changes)))
+    out_dir = DRILL_ROOT / f"copy-drill-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+    if (cached := _cached(out_dir, key, device)) is not None:
+        log(f"the copy drill is cached in {shown(out_dir)}: reusing it")
+        return cached.checkpoint
+    log(f"the copy drill, {key['settings']['steps']} steps, into {shown(out_dir)} (later calls reuse it)")
+    return teach_copying(init, out_dir=out_dir, device=device, log=log, **changes).checkpoint
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------
@@ -218,13 +331,18 @@ class Finetune:
 
 
 def finetune(init, train_file, val_file=None, *, out_dir="runs/sft", device: str | None = None, log=print,
-             **changes) -> SFTResult:
+             reuse: bool = False, **changes) -> SFTResult:
     """Fine-tune the model of checkpoint `init` on the conversations of `train_file` (settings:
     `Finetune`, changed by keyword): random batches of conversations, the loss on the
     assistant's tokens (or on all, loss_on="all"). Every `eval_interval` steps the loss on the
     assistant tokens of `eval_conversations` spread over `val_file`. Writes out_dir/last.pt
-    (naming the chat template) and out_dir/metrics.jsonl."""
+    (naming the chat template) and out_dir/metrics.jsonl (`reuse`: see the module)."""
     sft = _settings(Finetune, changes)
+    key = _run_key("finetune", init, asdict(sft), [f for f in (train_file, val_file) if f is not None])
+    return _keyed(out_dir, key, reuse, device, lambda: _finetune(init, train_file, val_file, sft, out_dir, device, log))
+
+
+def _finetune(init, train_file, val_file, sft: Finetune, out_dir, device, log) -> SFTResult:
     model, tokenizer, state = load_model(init, device)
     device, block_size, pad_id = next(model.parameters()).device, model.config.block_size, tokenizer.special_ids[BEGIN]
 
@@ -262,3 +380,49 @@ def exact_match(model: GPT, tokenizer: Tokenizer, conversations, template=chat_p
     predictions = [answer(model, tokenizer, c[:-1], template) for c in conversations]
     hits = [p == c[-1]["content"] for p, c in zip(predictions, conversations)]
     return {"accuracy": sum(hits) / len(hits), "predictions": predictions}
+
+
+@torch.no_grad()
+def greedy_hits(model: GPT, tokenizer: Tokenizer, conversations, max_new_tokens: int = 12,
+                batch_size: int = 64) -> list[bool]:
+    """Per conversation, whether greedy decoding (`answer`) replies with exactly its last
+    assistant message, found in one forward pass: greedy decoding writes the reply iff each of
+    its tokens, and then <|end|>, is the most probable next token given the reply so far, which
+    is what teacher forcing shows at once. (A reply spelt in other tokens than the tokenizer's
+    own is counted wrong here; `exact_match` would count it right. It is rare.)"""
+    model.eval()
+    device, pad_id = next(model.parameters()).device, tokenizer.special_ids[BEGIN]
+    rows = []
+    for conversation in conversations:
+        prompt = chat_prompt(tokenizer, conversation[:-1])
+        ids, _ = render_conversation(tokenizer, conversation)
+        reply = len(ids) - len(prompt)  # the reply's tokens and its <|end|>
+        assert ids[:len(prompt)] == prompt, "the template renders the prompt as generation sees it"
+        rows.append((ids, len(prompt), reply))
+    hits = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        x, _ = collate([(ids[:-1], ids[1:]) for ids, _, _ in chunk], pad_id)  # (B, T)
+        with autocast_context(device):
+            logits, _ = model(x.to(device))  # (B, T, vocab)
+        guesses = logits.argmax(-1).cpu()  # (B, T): the greedy next token at every position
+        for row, (ids, start, reply) in enumerate(chunk):
+            wanted = torch.tensor(ids[start:])  # position t predicts token t + 1
+            hits.append(reply <= max_new_tokens and torch.equal(guesses[row, start - 1:len(ids) - 1], wanted))
+    return hits
+
+
+def paired_difference(a, b, resamples: int = 10_000, seed: int = 0) -> dict:
+    """Compare two models scored on the same items: `a` and `b` hold one score per item (a hit,
+    0 or 1, or a mean over seeds). Returns the mean difference a - b, its 95% bootstrap
+    interval (items resampled with replacement, the pairs kept together), and the two-sided
+    p-value of a sign-flip test: how often flipping the sign of each item's difference at
+    random gives a mean at least as far from zero (no difference: either sign is as likely)."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)  # (items,)
+    generator = torch.Generator().manual_seed(seed)
+    means = d[torch.randint(len(d), (resamples, len(d)), generator=generator)].mean(1)  # (resamples,)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    signs = torch.randint(2, (resamples, len(d)), generator=generator) * 2 - 1  # (resamples, items)
+    flipped = (signs * d).mean(1).abs()  # (resamples,)
+    p = ((flipped >= d.mean().abs() - 1e-12).sum().item() + 1) / (resamples + 1)
+    return {"difference": d.mean().item(), "low": low, "high": high, "p": p}

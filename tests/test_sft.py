@@ -1,6 +1,6 @@
 """Supervised fine-tuning: the template and its mask, targets and the masked loss, the
-refusals, the JSONL loader, the dataset builder, the copy drill, a short fine-tuning run and
-the CLI."""
+refusals, the JSONL loader, the dataset builder, the copy drill and its cache, the metrics and
+the paired comparison, a short fine-tuning run, reusing runs, and the CLI."""
 
 import json
 import random
@@ -10,14 +10,35 @@ import torch
 import torch.nn.functional as F
 
 from lilllm import LilllmError
+from lilllm.chat import chat_prompt, load_conversations, render_conversation
 from lilllm.config import ModelConfig
 from lilllm.data import load_text, train_val_split
-from lilllm.chat import chat_prompt, load_conversations, render_conversation
 from lilllm.model import GPT, IGNORE_INDEX
-from lilllm.next_speaker import (QUESTION, answer_in_excerpt, baselines, build_chat_dataset, choice_accuracy,
-                                 copying_conversations, disguise_speakers, excerpt_turns, invented_names,
-                                 next_speaker_conversations, parse_turns, speaker_order, speakers_in)
-from lilllm.sft import collate, copy_drill_batch, repeat_accuracy, training_pair
+from lilllm.next_speaker import (
+    QUESTION,
+    answer_in_excerpt,
+    baselines,
+    build_chat_dataset,
+    choice_accuracy,
+    copying_conversations,
+    disguise_speakers,
+    excerpt_turns,
+    invented_names,
+    next_speaker_conversations,
+    noise_pieces,
+    parse_turns,
+    speaker_order,
+    speakers_in,
+    with_noisy_lines,
+)
+from lilllm.sft import (
+    collate,
+    copy_drill_batch,
+    greedy_hits,
+    paired_difference,
+    repeat_accuracy,
+    training_pair,
+)
 from lilllm.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer.train("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ?!.,:'<|>\n")
@@ -227,6 +248,22 @@ def test_copy_drill_scores_exactly_the_second_copy_after_its_first_token():
     assert len(lengths) > 3 and int(x.max()) < 50
 
 
+def test_text_rows_are_windows_of_the_text_or_a_passage_shown_twice():
+    import numpy as np
+
+    from lilllm.sft import text_batch
+
+    tokens = np.arange(5000, dtype=np.uint16)  # every window is a run of consecutive ids
+    x, y = text_batch(tokens, 3, 32, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (3, 32) and torch.equal(y[:, :-1], x[:, 1:]) and (x[:, 1:] - x[:, :-1] == 1).all()
+    for block_size in (32, 33):
+        x, y = text_batch(tokens, 3, block_size, torch.Generator().manual_seed(0), twice=True)
+        half = block_size // 2
+        assert x.shape == y.shape == (3, block_size) and torch.equal(y[:, :-1], x[:, 1:])  # every target scored
+        assert torch.equal(x[:, half:2 * half], x[:, :half])  # the passage, then the same passage again
+        assert (x[:, 1:half] - x[:, :half - 1] == 1).all()  # a real window of the text
+
+
 class Copier(torch.nn.Module):
     """A perfect copier on the repeat test: at position t it predicts the token that followed
     position t - length, which is what a passage of `length` tokens shown twice repeats."""
@@ -280,6 +317,7 @@ def test_choice_accuracy_picks_the_excerpt_speaker_whose_reply_the_model_finds_m
             nats[name] = loss.item() * (y != IGNORE_INDEX).sum().item()
         assert choice == min(nats, key=nats.get)
     assert scores["accuracy"] == sum(c == conv[-1]["content"] for c, conv in zip(scores["choices"], conversations)) / 2
+    assert choice_accuracy(model, TOKENIZER, conversations, batch_size=1)["choices"] == scores["choices"]  # batching aside
 
 
 def test_finetune_writes_a_checkpoint_that_names_its_template(chat_files, tmp_path):
@@ -302,14 +340,21 @@ def test_finetune_writes_a_checkpoint_that_names_its_template(chat_files, tmp_pa
 def test_cli_sft_then_chat_with_the_template(chat_files, tmp_path, monkeypatch, capsys):
     import io
 
-    from lilllm.cli import main
     from lilllm.checkpoint import load_checkpoint
+    from lilllm.cli import main
     from lilllm.course import pretrained_checkpoint
 
     out = tmp_path / "sft"
+    monkeypatch.setattr("lilllm.sft.DRILL_ROOT", tmp_path / "drills")
     assert main(["sft", "--init", str(pretrained_checkpoint()), "--data", str(chat_files["train"]), "--steps", "2",
                  "--copy-steps", "3", "--out", str(out)]) == 0
-    assert load_checkpoint(out / "copy-drill" / "last.pt")["step"] == 3  # the drill ran first, then fine-tuning
+    drilled, = (tmp_path / "drills").glob("copy-drill-*/last.pt")
+    assert load_checkpoint(drilled)["step"] == 3  # the drill ran first, then fine-tuning
+    assert "the copy drill, 3 steps" in capsys.readouterr().out
+    monkeypatch.setattr("lilllm.sft._drill", lambda *args: pytest.fail("the cached drill was run again"))
+    assert main(["sft", "--init", str(pretrained_checkpoint()), "--data", str(chat_files["train"]), "--steps", "2",
+                 "--copy-steps", "3", "--out", str(out)]) == 0
+    assert "reusing it" in capsys.readouterr().out
     monkeypatch.setattr("sys.stdin", io.StringIO("GREMIO:\nGood morrow.\n\nWho speaks next?\n"))
     assert main(["chat", str(out / "last.pt"), "--temperature", "0", "--max-new-tokens", "4"]) == 0
     assert "assistant: " in capsys.readouterr().out
@@ -342,3 +387,105 @@ def test_finetuning_an_aux_free_moe_checkpoint_moves_its_balancing_bias(small_da
     bias_after = result.model.blocks[0].ffn.expert_bias
     assert not torch.equal(bias_before, bias_after)
     assert torch.equal(load_checkpoint(result.checkpoint)["model"]["blocks.0.ffn.expert_bias"], bias_after)
+
+
+# --- the drill's cache, reused runs, the metrics and the paired comparison -------------------
+
+def test_the_copy_drill_is_cached_by_checkpoint_and_settings(tmp_path, monkeypatch):
+    from lilllm.course import pretrained_checkpoint
+    from lilllm.sft import copy_drill_checkpoint
+
+    monkeypatch.setattr("lilllm.sft.DRILL_ROOT", tmp_path)
+    quiet = {"log": lambda line: None, "eval_interval": 2}
+    first = copy_drill_checkpoint(pretrained_checkpoint(), steps=2, **quiet)
+    stamp = first.stat().st_mtime_ns
+    assert copy_drill_checkpoint(pretrained_checkpoint(), steps=2, **quiet) == first  # reused, not drilled again
+    assert first.stat().st_mtime_ns == stamp
+    mixed = copy_drill_checkpoint(pretrained_checkpoint(), steps=2, text_rows=2, **quiet)  # other settings: drilled apart
+    assert mixed != first and len(list(tmp_path.glob("copy-drill-*/last.pt"))) == 2
+    changed = tmp_path / "changed.pt"  # another starting checkpoint (other bytes): drilled apart too
+    changed.write_bytes(first.read_bytes())
+    assert copy_drill_checkpoint(changed, steps=2, **quiet).parent not in (first.parent, mixed.parent)
+
+
+def test_a_finished_run_is_reused_only_for_the_same_key(chat_files, tmp_path, monkeypatch):
+    from lilllm.course import pretrained_checkpoint
+    from lilllm.sft import finetune
+
+    settings = dict(steps=2, eval_interval=2, eval_conversations=4, out_dir=tmp_path / "run", log=lambda line: None,
+                    reuse=True)
+    first = finetune(pretrained_checkpoint(), chat_files["train"], chat_files["val"], **settings)
+    monkeypatch.setattr("lilllm.sft._finetune", lambda *args: pytest.fail("a finished run was trained again"))
+    again = finetune(pretrained_checkpoint(), chat_files["train"], chat_files["val"], **settings)
+    assert again.records == first.records and again.checkpoint == first.checkpoint
+    with pytest.raises(pytest.fail.Exception):  # another seed is another run
+        finetune(pretrained_checkpoint(), chat_files["train"], chat_files["val"], seed=1, **settings)
+
+
+class Oracle(torch.nn.Module):
+    """A model that, at every position, predicts the token that follows it in its own input,
+    and <|end|> where the input ends (or `wrong` everywhere, if given)."""
+
+    def __init__(self, vocab, end, pad, wrong=None):
+        super().__init__()
+        self.vocab, self.end, self.pad, self.wrong = vocab, end, pad, wrong
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        guess = torch.cat([x[:, 1:], torch.full_like(x[:, :1], self.end)], dim=1)  # (B, T)
+        guess[guess == self.pad] = self.end
+        if self.wrong is not None:
+            guess[:] = self.wrong
+        return F.one_hot(guess, self.vocab).float(), None
+
+
+def test_greedy_hits_reads_greedy_decoding_off_one_forward_pass():
+    conversations = [excerpt(["ANN", "BO", "ANN", "CYD"], "BO"), excerpt(["DEE", "ED"], "FLORIZEL")]
+    end, pad = SPECIAL["<|end|>"], SPECIAL["<|endoftext|>"]
+    assert greedy_hits(Oracle(TOKENIZER.vocab_size, end, pad), TOKENIZER, conversations) == [True, True]
+    assert greedy_hits(Oracle(TOKENIZER.vocab_size, end, pad), TOKENIZER, conversations, max_new_tokens=5) == \
+        [True, False]  # FLORIZEL is 8 characters and <|end|>: more than greedy decoding may write
+    assert greedy_hits(Oracle(TOKENIZER.vocab_size, end, pad, wrong=end), TOKENIZER, conversations) == [False, False]
+
+
+def test_greedy_hits_agree_with_generated_answers(chat_files):
+    from lilllm.checkpoint import load_model
+    from lilllm.course import pretrained_checkpoint
+    from lilllm.sft import exact_match
+
+    model, tokenizer, _ = load_model(pretrained_checkpoint(), "cpu")
+    conversations = load_conversations(chat_files["val"])[:6]
+    answers = exact_match(model, tokenizer, conversations)["predictions"]
+    fast = greedy_hits(model, tokenizer, conversations)
+    assert fast == [a == c[-1]["content"] for a, c in zip(answers, conversations)]
+    # The model's own greedy replies, where they end with <|end|> and are spelt as the tokenizer spells them, are hits.
+    from lilllm.chat import chat_prompt
+    from lilllm.sampling import generate
+
+    forced = []
+    for conversation in load_conversations(chat_files["train"])[:40]:
+        ids = generate(model, chat_prompt(tokenizer, conversation[:-1]), 11, temperature=0,
+                       stop_ids=[tokenizer.special_ids["<|end|>"]])  # the stop id is not returned
+        text = tokenizer.decode(ids)
+        if 0 < len(ids) < 11 and tokenizer.encode(text) == ids and text == text.strip():
+            forced.append(conversation[:-1] + [{"role": "assistant", "content": text}])
+    assert all(greedy_hits(model, tokenizer, forced))
+
+
+def test_paired_difference_finds_a_real_gap_and_none_where_there_is_none():
+    same = paired_difference([1, 0, 1, 1, 0] * 20, [1, 0, 1, 1, 0] * 20)
+    assert same["difference"] == same["low"] == same["high"] == 0 and same["p"] == 1
+    gap = paired_difference([1] * 30 + [0] * 70, [0] * 100)
+    assert gap["difference"] == pytest.approx(0.3) and 0.2 < gap["low"] < 0.3 < gap["high"] < 0.4 and gap["p"] < 0.001
+    noise = paired_difference([1, 0] * 50, [0, 1] * 50)  # as many wins as losses
+    assert noise["low"] < 0 < noise["high"] and noise["p"] > 0.5
+
+
+def test_noisy_lines_keep_the_speakers_and_the_answer():
+    tokenizer = CharTokenizer.train("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ?!.,:'<|>\n")
+    conversation = excerpt(["ANN", "BO", "ANN", "CYD"], "BO")
+    pieces = noise_pieces(tokenizer)
+    assert pieces and all(":" not in p and "\n" not in p for p in pieces)
+    noisy = with_noisy_lines(conversation, tokenizer, pieces, random.Random(0))["messages"]
+    assert speakers_in(noisy) == speakers_in(conversation) and noisy[-1] == conversation[-1]
+    assert [line for _, line in excerpt_turns(noisy)] != [line for _, line in excerpt_turns(conversation)]
