@@ -4,6 +4,8 @@
 Each returns a list of human-readable problems; an empty list means the rules hold.
 """
 
+import base64
+import io
 import re
 from pathlib import Path
 
@@ -76,9 +78,18 @@ def notebook_problems(path: Path) -> list[str]:
             match = ABSOLUTE_PATH.search(_output_text(output))
             if match:
                 problems.append(f"{where}: output holds an absolute path ({match.group()!r}...)")
+            if "image/png" in output.get("data", {}) and _png_mode(output.data["image/png"]) != "P":
+                problems.append(f"{where}: a full-colour PNG (call setup_notebook() first: it stores 256-colour ones)")
     if not any(IMPORTS_LILLLM.search(cell.source) for cell in code_cells):
         problems.append(f"{path.name}: never imports lilllm")
     return problems
+
+
+def _png_mode(encoded: str) -> str:
+    """The colour mode of a base64 PNG: "P" for a palette of at most 256 colours."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(encoded))).mode
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lilllm import LilllmError
-from lilllm.course import _block_end, machine, median_seconds, show_source
+from lilllm.course import _block_end, machine, median_seconds, palette_png, show_source
 from lilllm.train import Run
 
 
@@ -42,3 +42,22 @@ def test_show_source_shows_a_module_from_its_first_line(capsys):
     show_source(norm)
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("# lilllm/layers/norm.py, lines 1–") and first.endswith(": lilllm.layers.norm")
+
+
+def test_palette_png_stores_a_figure_in_at_most_256_colours_and_fewer_bytes():
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, ax = plt.subplots(dpi=85)
+    ax.imshow(torch.rand(32, 32).numpy())  # a heatmap: thousands of colours before quantizing
+    ax.plot(range(10))
+    full = io.BytesIO()
+    fig.savefig(full, format="png", bbox_inches="tight", facecolor="white")
+    light = palette_png(fig)
+    image = Image.open(io.BytesIO(light))
+    assert image.mode == "P" and image.size == Image.open(full).size
+    assert len(light) < len(full.getvalue())
+    assert palette_png(plt.figure()) is None  # an empty figure shows nothing, as in Jupyter
+    plt.close("all")

@@ -29,6 +29,11 @@ def test_committed_solutions_follow_the_rules(path):
     assert notebook_problems(path) == []
 
 
+def test_the_committed_notebooks_stay_light():
+    total = sum(path.stat().st_size for path in NOTEBOOKS + SOLUTIONS)
+    assert total <= 2_500_000, f"the notebooks hold {total:,} bytes: lighten the heaviest figures or listings"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_every_exercise_has_a_solution(path):
     assert solution_problems(path, SOLUTIONS_DIR) == []
