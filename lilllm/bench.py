@@ -6,12 +6,17 @@ then its figures as one line of JSON (`lilllm bench tokenizer | pretrain | gener
 - `bench_generate`: tokens per second with and without the KV cache, for the model learners
   train (the `tiny` recipe) and the default config (a longer context).
 
-Speed is only ever reported as measured here, never asserted in a test.
+Speed is only ever reported as measured here, never asserted in a test. Each benchmark also
+writes its table as Markdown (`--markdown`), with the date and the machine, into the README
+between its marker comments (`--readme`): the README's measured figures are regenerated, not typed.
 """
 
 import json
+import re
 import tempfile
 import time
+from datetime import date
+from pathlib import Path
 
 import torch
 
@@ -20,7 +25,7 @@ from lilllm.config import ModelConfig
 from lilllm.data import load_text, train_val_split
 from lilllm.layers.attention import cache_bytes
 from lilllm.model import GPT
-from lilllm.runtime import pick_device
+from lilllm.runtime import REPO_ROOT, machine, pick_device, shown, write_atomically
 from lilllm.sampling import generate
 from lilllm.tokenizer import BPETokenizer, train_hf_bpe
 from lilllm.train import TrainConfig, make_config, train
@@ -107,12 +112,13 @@ def bench_pretrain(long: bool = False, steps: int | None = None, device: str | N
             run("long")
         wall = time.perf_counter() - start
     line = {
-        "nanogpt_cpu_bpb": results["nanogpt-cpu"]["val_bpb"], "default_bpb": results["tiny"]["val_bpb"],
-        "nanogpt_cpu_bytes_s": results["nanogpt-cpu"]["bytes_per_s"], "default_bytes_s": results["tiny"]["bytes_per_s"],
-        "default_mfu": results["tiny"]["mfu"], "wall_s": wall,
+        "nanogpt_cpu_bpb": round(results["nanogpt-cpu"]["val_bpb"], 4), "default_bpb": round(results["tiny"]["val_bpb"], 4),
+        "nanogpt_cpu_bytes_s": round(results["nanogpt-cpu"]["bytes_per_s"]),
+        "default_bytes_s": round(results["tiny"]["bytes_per_s"]), "default_mfu": round(results["tiny"]["mfu"], 3),
+        "wall_s": round(wall, 1),
     }
     if long:
-        line["long_bpb"] = results["long"]["best_val_bpb"]
+        line["long_bpb"] = round(results["long"]["best_val_bpb"], 4)
     return {"runs": results, "matmul_flops": peak, "line": line}
 
 
@@ -134,20 +140,22 @@ def generation_models(vocab_size: int = 2048) -> dict[str, ModelConfig]:
 
 
 def bench_generate(lengths=(64, 256, 512, 1024), prompt_len: int = 16, configs: dict | None = None,
-                   device: str = "cpu", repeats: int = 2, seed: int = 0) -> dict:
+                   device: str = "cpu", repeats: int = 2, seed: int = 0, log=lambda message: None) -> dict:
     """Greedy generation of each number of new tokens with and without the KV cache, for each
     model of `configs` (default: `generation_models()`; random weights: speed does not depend
-    on them), the best of `repeats` runs each. Returns, per model, tokens per second per
-    length, the speed-ups and the cache's memory."""
+    on them), the best of `repeats` runs each; `log` hears of each length as it is timed.
+    Returns, per model, tokens per second per length, the speed-ups and the cache's memory."""
     if not lengths or min(lengths) < 1 or repeats < 1 or prompt_len < 1:
         raise LilllmError("the benchmark needs lengths ≥ 1 new tokens, a prompt of ≥ 1 token and repeats ≥ 1")
-    results = {name: _bench_one_model(config, lengths, prompt_len, device, repeats, seed)
-               for name, config in (configs or generation_models()).items()}
+    results = {}
+    for name, config in (configs or generation_models()).items():
+        log(f"timing the {name} model, the best of {repeats} run(s) with and without the cache:")
+        results[name] = _bench_one_model(config, lengths, prompt_len, device, repeats, seed, log)
     line = {name: result["line"] for name, result in results.items()}
     return {"models": results, "line": line}
 
 
-def _bench_one_model(config: ModelConfig, lengths, prompt_len: int, device, repeats: int, seed: int) -> dict:
+def _bench_one_model(config: ModelConfig, lengths, prompt_len: int, device, repeats: int, seed: int, log) -> dict:
     torch.manual_seed(seed)
     model = GPT(config).to(device).eval()
     prompt = torch.randint(config.vocab_size, (prompt_len,)).tolist()
@@ -165,14 +173,16 @@ def _bench_one_model(config: ModelConfig, lengths, prompt_len: int, device, repe
         row["same_tokens"] = ids[True] == ids[False] if n + prompt_len <= config.block_size else None
         row["speedup"] = row["cached_tokens_s"] / row["uncached_tokens_s"]
         rows.append(row)
+        log(f"  {n:,} new tokens: {row['cached_tokens_s']:,.0f} tokens/s with the cache, "
+            f"{row['uncached_tokens_s']:,.0f} without")
     by_length = {row["new_tokens"]: row for row in rows}
     line = {  # the figures as one JSON-ready line; keys of the dicts are the numbers of new tokens
         "n_layers": config.n_layers, "block_size": config.block_size, "prompt_len": prompt_len,
-        "tokens_s_cached": {str(n): row["cached_tokens_s"] for n, row in by_length.items()},
-        "tokens_s_uncached": {str(n): row["uncached_tokens_s"] for n, row in by_length.items()},
-        "speedup": {str(n): row["speedup"] for n, row in by_length.items()},
+        "tokens_s_cached": {str(n): round(row["cached_tokens_s"]) for n, row in by_length.items()},
+        "tokens_s_uncached": {str(n): round(row["uncached_tokens_s"]) for n, row in by_length.items()},
+        "speedup": {str(n): round(row["speedup"], 2) for n, row in by_length.items()},
         "cache_bytes_full": cache_bytes(config, config.block_size),
-        "speedup_512": by_length[512]["speedup"] if 512 in by_length else None,
+        "speedup_512": round(by_length[512]["speedup"], 2) if 512 in by_length else None,
     }
     return {"rows": rows, "cache_bytes_per_token": cache_bytes(config, 1), "line": line}
 
@@ -189,3 +199,69 @@ def print_generate(result: dict) -> None:
         print(f"KV cache (fp32): {model['cache_bytes_per_token']:,} bytes per token, "
               f"{line['cache_bytes_full'] / 2**10:,.0f} KiB for a full context\n")
     print(json.dumps(result["line"]))
+
+
+# --- the README's tables ------------------------------------------------------------------------------
+
+README = REPO_ROOT / "README.md"
+
+
+def measured_on(command: str) -> str:
+    return f"Measured with `{command}` on {date.today().isoformat()} ({machine()})"
+
+
+def markdown_tokenizer(result: dict, command: str) -> str:
+    return "\n".join([
+        f"{measured_on(command)}, the best of {result['repeats']} runs each:", "",
+        "| step | time or speed |", "|---|---|",
+        f"| training the {result['vocab_size']:,}-token BPE on the train split | {result['train_s']:.2f} s |",
+        f"| encoding the corpus ({result['megabytes']:.2f} MB) with `tokenizers`, in one call | "
+        f"{result['hf_mb_s']:.2f} MB/s |",
+        f"| the same with `tiktoken` | {result['tiktoken_mb_s']:.1f} MB/s ({result['speedup']}× faster) |",
+        f"| identical ids | {'yes' if result['ids_identical'] else '**no**'}, over all {result['tokens']:,} tokens |",
+    ])
+
+
+PRETRAIN_ROWS = {"nanogpt-cpu": "`nanogpt-cpu`", "tiny": "`tiny` (the default), same time", "long": "`long`, ten minutes"}
+
+
+def markdown_pretrain(result: dict, command: str) -> str:
+    lines = [f"{measured_on(command)}; matmul throughput "
+             f"{result['matmul_flops'] / 1e9:,.0f} GFLOP/s measured in the same run; the whole command took "
+             f"{result['line']['wall_s'] / 60:.1f} minutes:", "",
+             "| recipe | val bits per byte | steps | training s | bytes/s | MFU |", "|---|---|---|---|---|---|"]
+    for name, run in result["runs"].items():
+        bpb = run["best_val_bpb"] if name == "long" else run["val_bpb"]  # `long` keeps its best-val checkpoint
+        lines.append(f"| {PRETRAIN_ROWS[name]} | **{bpb:.3f}** | {run['step']:,} | {run['train_time_s']:.1f} | "
+                     f"{run['bytes_per_s']:,.0f} | {run['mfu']:.1%} |")
+    return "\n".join(lines + ["", f"The last line it printed: `{json.dumps(result['line'])}`"])
+
+
+def markdown_generate(result: dict, command: str) -> str:
+    prompt_len = next(iter(result["models"].values()))["line"]["prompt_len"]
+    lines = [f"{measured_on(command)}; greedy, after a {prompt_len}-token prompt, random weights (speed does not "
+             "depend on them):", "",
+             "| model | new tokens | with the cache, tokens/s | without, tokens/s | speed-up |", "|---|---|---|---|---|"]
+    notes = []
+    for name, model in result["models"].items():
+        line = model["line"]
+        label = f"`{name}` ({line['n_layers']} layers, context {line['block_size']})"
+        for row in model["rows"]:
+            lines.append(f"| {label} | {row['new_tokens']:,} | {row['cached_tokens_s']:,.0f} | "
+                         f"{row['uncached_tokens_s']:,.0f} | {row['speedup']:.1f}× |")
+        notes.append(f"`{name}` {model['cache_bytes_per_token']:,} bytes per token "
+                     f"({line['cache_bytes_full'] / 2**10:,.0f} KiB for a full context)")
+    return "\n".join(lines + ["", f"The KV cache (fp32): {'; '.join(notes)}."])
+
+
+def write_readme_section(name: str, text: str, path=README) -> Path:
+    """Put `text` between the marker comments <!-- bench NAME --> and <!-- /bench NAME --> of
+    the README at `path`, replacing what was there."""
+    path = Path(path)
+    begin, end = f"<!-- bench {name} -->", f"<!-- /bench {name} -->"
+    content = path.read_text(encoding="utf-8")
+    if content.count(begin) != 1 or content.count(end) != 1 or content.index(begin) > content.index(end):
+        raise LilllmError(f"{shown(path)} needs one {begin} line, then one {end} line, around the table to replace")
+    before, rest = content.split(begin)
+    after = rest.split(end)[1]
+    return write_atomically(path, f"{before}{begin}\n{text}\n{end}{after}")

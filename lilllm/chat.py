@@ -15,7 +15,8 @@ messages. Rendered (`render_conversation`):
    model must learn what to say and when to stop), 0 on everything else.
 3. A prompt (`chat_prompt`) is the conversation so far, then <|assistant|>; the reply ends at
    <|end|> (`stop_ids`). Templates are looked up by name: a checkpoint fine-tuned for chat
-   names its own; "plain" lets a pretrained model simply continue the text.
+   names its own; "plain" lets a pretrained model continue the text as a play, each message a
+   speech ending in a blank line (its reply ends at the next blank line: `lilllm chat`).
 """
 
 import json
@@ -70,9 +71,9 @@ def chat_prompt(tokenizer: Tokenizer, messages) -> list[int]:
 
 
 def plain_prompt(tokenizer: Tokenizer, messages) -> list[int]:
-    """No template: the messages' texts one after another, so a pretrained model simply
-    continues the conversation as text."""
-    return tokenizer.encode("".join(message["content"] for message in messages))
+    """No template: the messages' texts as the speeches of a play, each ending in a blank line,
+    so a pretrained model continues the conversation with a speech of its own."""
+    return tokenizer.encode("".join(message["content"].strip("\n") + "\n\n" for message in messages))
 
 
 CHAT_TEMPLATES: dict[str, Callable] = {"plain": plain_prompt, TEMPLATE_NAME: chat_prompt}

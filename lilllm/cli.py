@@ -3,6 +3,7 @@ function; a LilllmError (bad input) is printed as one line and exits with status
 option is spelt with dashes (--vocab-size, and the training settings --out-dir=...)."""
 
 import argparse
+import shlex
 import sys
 
 from lilllm import LilllmError
@@ -32,18 +33,34 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_bench_tokenizer(args) -> int:
-    from lilllm.bench import bench_tokenizer, print_tokenizer
+    from lilllm.bench import bench_tokenizer, markdown_tokenizer, print_tokenizer
 
     result = bench_tokenizer(args.vocab_size, args.repeats)
-    print_tokenizer(result)
+    _report(args, result, print_tokenizer, markdown_tokenizer)
     return 0 if result["ids_identical"] else 1
+
+
+def _report(args, result: dict, print_table, markdown) -> None:
+    """A benchmark's table and JSON line, or (--markdown) the README's table for it, which
+    --readme also writes into the README between the benchmark's marker comments."""
+    from lilllm.bench import write_readme_section
+    from lilllm.runtime import repo_path, shown
+
+    if args.markdown:
+        print(markdown(result, args.command_line))
+    else:
+        print_table(result)
+    if args.readme:
+        path = write_readme_section(args.target, markdown(result, args.command_line), repo_path(args.readme))
+        print(f"wrote the table into {shown(path)}", file=sys.stderr)  # stdout still ends with the JSON line
 
 
 def cmd_train(args) -> int:
     from lilllm.train import make_config, train
 
     config = make_config(args.recipe, args.settings, args.config)
-    result = train(config, resume=args.resume)
+    resume_command = args.command_line + ("" if args.resume else " --resume")
+    result = train(config, resume=args.resume, recipe=args.recipe, resume_command=resume_command)
     return 130 if result.summary["interrupted"] else 0
 
 
@@ -57,9 +74,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench_pretrain(args) -> int:
-    from lilllm.bench import bench_pretrain, print_pretrain
+    from lilllm.bench import bench_pretrain, markdown_pretrain, print_pretrain
 
-    print_pretrain(bench_pretrain(args.long, args.steps, args.device))
+    _report(args, bench_pretrain(args.long, args.steps, args.device), print_pretrain, markdown_pretrain)
     return 0
 
 
@@ -80,6 +97,8 @@ def cmd_sample(args) -> int:
     model, tokenizer, _ = load_model(args.checkpoint, args.device)
     prompt = encode_prompt(tokenizer, args.prompt)
     options["stop_ids"] = stop_ids(tokenizer)
+    # The prompt first, dimmed on a terminal (plain when piped), then what the model adds to it.
+    print(f"\033[2m{args.prompt}\033[0m" if sys.stdout.isatty() else args.prompt, end="", flush=True)
     if args.stream:
         for piece in stream(model, tokenizer, prompt, args.max_new_tokens, **options):
             print(piece, end="", flush=True)
@@ -89,50 +108,79 @@ def cmd_sample(args) -> int:
     return 0
 
 
+NOT_CHAT_TUNED = ("note: {checkpoint} is a pretrained model, not chat-tuned: it answers by continuing your message as "
+                  "a play, and each reply ends at the end of its speech. For a model that answers, fine-tune one with "
+                  "`lilllm sft` and chat with `lilllm chat runs/sft/last.pt --temperature 0`.")
+ENDS_CHAT = ("exit", "quit")
+
+
 def cmd_chat(args) -> int:
     from lilllm.chat import chat_template, stop_ids
     from lilllm.checkpoint import load_model
-    from lilllm.sampling import stream
 
     options = _sampling_options(args)
     model, tokenizer, state = load_model(args.checkpoint, args.device)
-    template = chat_template(args.template or state.get("chat_template", "plain"))
+    template_name = args.template or state.get("chat_template", "plain")
+    template = chat_template(template_name)
     options["stop_ids"] = stop_ids(tokenizer)
+    if "chat_template" not in state:
+        print(NOT_CHAT_TUNED.format(checkpoint=args.checkpoint), file=sys.stderr)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("type a message and press Enter; Ctrl-D ends the chat")
+        print("type a message and press Enter; Ctrl-C stops a reply; exit, quit or Ctrl-D ends the chat")
     messages = []
     while True:
         if interactive:
             print("you: ", end="", flush=True)
         line = sys.stdin.readline()
-        if not line:  # end of input
+        if not line or line.strip().lower() in ENDS_CHAT:  # end of input, or the user said so
+            if interactive and not line:
+                print()  # Ctrl-D leaves the cursor after "you: "
             return 0
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
-        try:
-            pieces = stream(model, tokenizer, template(tokenizer, messages), args.max_new_tokens, **options)
-        except LilllmError as err:  # e.g. a character the tokenizer lacks: say so, keep chatting
-            print(f"error: {err}", file=sys.stderr)
+        messages.append({"role": "user", "content": line.strip()})
+        reply = _reply(model, tokenizer, template, messages, args.max_new_tokens, options,
+                       until_speech_ends=template_name == "plain")
+        if reply is None:
             messages.pop()
-            continue
-        print("assistant: ", end="", flush=True)
-        reply = ""
+        else:
+            messages.append({"role": "assistant", "content": reply})
+
+
+def _reply(model, tokenizer, template, messages, max_new_tokens: int, options: dict, until_speech_ends: bool):
+    """Stream the reply to `messages` to the terminal and return it; Ctrl-C stops the reply, not
+    the chat. None if the conversation could not be encoded (said on stderr)."""
+    from lilllm.sampling import stream, until_blank_line
+
+    try:
+        pieces = stream(model, tokenizer, template(tokenizer, messages), max_new_tokens, **options)
+    except LilllmError as err:  # e.g. a character the tokenizer lacks: say so, keep chatting
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    if until_speech_ends:
+        pieces = until_blank_line(pieces)
+    print("assistant: ", end="", flush=True)
+    reply = ""
+    try:
         for piece in pieces:
             reply += piece
             print(piece, end="", flush=True)
-        print()
-        messages.append({"role": "assistant", "content": reply})
+    except KeyboardInterrupt:
+        print(" [stopped]", end="")
+    print()
+    return reply
 
 
 def cmd_sft(args) -> int:
     from lilllm.chat import load_conversations
     from lilllm.course import pretrained_checkpoint
     from lilllm.next_speaker import chat_dataset
+    from lilllm.runtime import shown
     from lilllm.sft import COPY_STEPS, copy_drill_checkpoint, finetune
 
-    init = args.init or pretrained_checkpoint()
+    init = args.init or pretrained_checkpoint()  # a finished run of the tiny recipe, such as runs/tiny
+    print(f"starting from {shown(init)}", flush=True)
     train_file, val_file = args.data, args.val
     if train_file is None:  # the course's chat dataset, built on first use
         files = chat_dataset()
@@ -151,10 +199,12 @@ def cmd_sft(args) -> int:
 
 
 def cmd_bench_generate(args) -> int:
-    from lilllm.bench import bench_generate, print_generate
+    from lilllm.bench import bench_generate, markdown_generate, print_generate
     from lilllm.runtime import pick_device
 
-    print_generate(bench_generate(args.lengths, args.prompt_len, device=pick_device(args.device), repeats=args.repeats))
+    result = bench_generate(args.lengths, args.prompt_len, device=pick_device(args.device), repeats=args.repeats,
+                            log=lambda message: print(message, file=sys.stderr, flush=True))  # progress, off stdout
+    _report(args, result, print_generate, markdown_generate)
     return 0
 
 
@@ -200,14 +250,17 @@ def _add_bench_commands(commands) -> None:
     bench_generate.add_argument("--repeats", type=int, default=2, help="time each run this many times, keep the best (default: 2)")
     bench_generate.add_argument("--device", help=DEVICE_HELP)
     bench_generate.set_defaults(run=cmd_bench_generate)
+    for command in (bench_tokenizer, bench_pretrain, bench_generate):
+        command.add_argument("--markdown", action="store_true", help="print the README's table, with the date and "
+                                                                     "the machine, instead of the plain one")
+        command.add_argument("--readme", nargs="?", const="README.md", metavar="FILE",
+                             help="also write that table into the repository's README.md (or FILE), between the "
+                                  "benchmark's <!-- bench NAME --> marker comments")
 
 
 def _add_training_commands(commands) -> None:
     train = commands.add_parser("train", help="pretrain a model (a recipe, changed with --key=value settings)",
-                                epilog="settings: any TrainConfig field as --key=value (--lr=3e-4, --steps=500, "
-                                       "--out-dir=runs/mine), model fields as --model.key=value "
-                                       "(--model.d-model=192); run under `torchrun --nproc_per_node=N` for several "
-                                       "processes")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_train_settings_help())
     train.add_argument("recipe", nargs="?", default="tiny", help=f"{', '.join(RECIPES)} (default: tiny)")
     train.add_argument("--config", metavar="FILE", help="a JSON file of settings, applied before --key=value ones")
     train.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
@@ -219,8 +272,9 @@ def _add_training_commands(commands) -> None:
     evaluate.set_defaults(run=cmd_eval)
 
     sft = commands.add_parser("sft", help="fine-tune a checkpoint on conversations, with the loss on the assistant's tokens")
-    sft.add_argument("--init", metavar="CKPT", help="the checkpoint to start from (default: the pretrained tiny model, "
-                                                    "trained once and cached)")
+    sft.add_argument("--init", metavar="CKPT", help="the checkpoint to start from (default: a finished run of the tiny "
+                                                    "recipe, such as runs/tiny/best.pt, else one trained once and "
+                                                    "cached in runs/pretrained-tiny)")
     sft.add_argument("--data", metavar="FILE.jsonl", help='train conversations, one {"messages": [...]} per line '
                                                           '(default: "who speaks next?" from tiny-shakespeare, built once)')
     sft.add_argument("--val", metavar="FILE.jsonl", help="val conversations for the val loss (default: the built set's, "
@@ -228,14 +282,31 @@ def _add_training_commands(commands) -> None:
     sft.add_argument("--copy-steps", type=int, metavar="N", help="steps of the copy drill before fine-tuning, 0 for "
                                                                  f"none (default: {CopyDrill.steps}; drilled once per "
                                                                  "checkpoint and settings, cached in runs/copy-drill-*)")
-    sft.add_argument("--steps", type=int, help=f"(default: {Finetune.steps})")
-    sft.add_argument("--batch-size", type=int, help=f"conversations per step (default: {Finetune.batch_size})")
-    sft.add_argument("--lr", type=float, help=f"peak learning rate (default: {Finetune.lr})")
+    sft.add_argument("--steps", type=int, metavar="N", help=f"fine-tuning steps, after the drill (default: {Finetune.steps})")
+    sft.add_argument("--batch-size", type=int, metavar="N", help=f"conversations per step (default: {Finetune.batch_size})")
+    sft.add_argument("--lr", type=float, metavar="RATE", help=f"peak learning rate (default: {Finetune.lr})")
     sft.add_argument("--loss-on", choices=("assistant", "all"),
                      help=f"assistant: the SFT loss; all: every token, an ablation (default: {Finetune.loss_on})")
-    sft.add_argument("--out", default="runs/sft", help="output folder, overwritten (default: runs/sft)")
+    sft.add_argument("--out", default="runs/sft", metavar="DIR", help="output folder, overwritten (default: runs/sft)")
     sft.add_argument("--device", help=DEVICE_HELP)
     sft.set_defaults(run=cmd_sft)
+
+
+def _train_settings_help() -> str:
+    """`lilllm train --help`'s list of settings, read from TrainConfig and ModelConfig (their
+    fields, the tiny recipe's values and the fields' comments), then what the other recipes change."""
+    from lilllm.settings import dashed, settings_help, spelt
+    from lilllm.train import TrainConfig
+
+    tiny = TrainConfig()
+    changes = [f"  {name}: " + " ".join(f"--{dashed(key)}={spelt(value)}" for key, value in recipe.items())
+               for name, recipe in RECIPES.items() if recipe]
+    return "\n".join([
+        "settings, as --key=value (default: the tiny recipe's value):", settings_help(tiny), "",
+        "model settings, as --model.key=value (default: the tiny recipe's model):",
+        settings_help(tiny.model_config(tiny.vocab_size), prefix="model.", skip=("vocab_size",)), "",
+        "the other recipes change:", *changes, "",
+        "Run under `torchrun --nproc_per_node=N` for several processes."])
 
 
 def _add_sampling_commands(commands) -> None:
@@ -266,13 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     if settings and not getattr(args, "takes_settings", False):
         parser.error(f"unrecognized arguments: {' '.join(settings)}")
     args.settings = settings
+    args.command_line = shlex.join(["lilllm", *(sys.argv[1:] if argv is None else argv)])  # as typed: resume, bench
     try:
         return args.run(args)
     except LilllmError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)  # after the ^C the terminal echoed
         return 130
 
 

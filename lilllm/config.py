@@ -109,19 +109,19 @@ class ModelConfig:
     vocab_size: int  # from the tokenizer
     block_size: int = 256  # context length: the most positions the model is trained on
     d_model: int = 128  # width of the residual stream, C
-    n_layers: int = 4
+    n_layers: int = 4  # decoder blocks
     n_heads: int = 4  # query heads; head_dim = d_model // n_heads
     n_kv_heads: int | None = 2  # key/value heads: n_heads → MHA, 1 → MQA, between → GQA; None: n_heads
-    attention: str = "softmax"
-    ffn: str = "swiglu"
+    attention: str = "softmax"  # every layer's attention: softmax or plga (ATTENTION_KINDS)
+    ffn: str = "swiglu"  # every layer's feed-forward: swiglu, gelu or moe (FFN_KINDS)
     ffn_hidden: int | None = None  # None: the feed-forward kind's own rule (layers/ffn.py)
-    norm: str = "rmsnorm"
-    norm_eps: float = 1e-5
+    norm: str = "rmsnorm"  # rmsnorm or layernorm
+    norm_eps: float = 1e-5  # added under the norm's square root
     norm_placement: str = "pre"  # pre: x + f(norm(x)), the default; post: norm(x + f(x)), PLDR-LLM's
-    positions: str = "rope"
-    rope_base: float = 10000.0
+    positions: str = "rope"  # rope, learned or sinusoidal
+    rope_base: float = 10000.0  # RoPE's θ: the slowest pair turns once in about 2π·θ positions
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
-    dropout: float = 0.0
+    dropout: float = 0.0  # on attention weights and each sublayer's output, in training only
     bias: bool = False  # biases in the linear layers
     layers: list[LayerSpec] | None = None  # optional, one entry per layer
     moe: MoEConfig | None = None  # the settings of every "moe" feed-forward layer

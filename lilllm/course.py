@@ -10,7 +10,6 @@ import inspect
 import io
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -24,9 +23,9 @@ import numpy as np
 import torch
 
 from lilllm import LilllmError
-from lilllm.checkpoint import FORMAT
-from lilllm.runtime import REPO_ROOT, shown
-from lilllm.train import BEST, CONFIG_FILE, make_config, train
+from lilllm.checkpoint import FORMAT, load_checkpoint
+from lilllm.runtime import REPO_ROOT, machine, repo_path, shown  # machine: for the notebooks' timing cells
+from lilllm.train import BEST, CONFIG_FILE, LAST, is_finished, load_data, make_config, train
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 SOLUTIONS_DIR = NOTEBOOKS_DIR / "solutions"  # NN_topic_solutions.ipynb: a worked answer to every exercise
@@ -149,12 +148,6 @@ def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def machine() -> str:
-    """Where a timing ran, in one line: processor, the threads PyTorch uses, PyTorch's version."""
-    processor = platform.processor() or platform.machine()
-    return f"{processor}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def save_figure(fig, name: str) -> Path:
     """Save `fig` as figures/<name>.png (the README shows these). In quick mode the
     figure goes to figures/quick/ instead, so tests never overwrite the real ones."""
@@ -206,40 +199,57 @@ CURRICULUM = (
 # --- the pretrained model later chapters start from ------------------------------------------
 
 RUNS_DIR = REPO_ROOT / "runs"
+QUICK_SETTINGS = ["--steps=30", "--warmup=5", "--eval-interval=0"]  # quick mode's pretrained model
 
 
 def pretrained_checkpoint(recipe: str = "tiny") -> Path:
-    """The best.pt of a finished run of `recipe`, trained on first use and cached in
-    runs/pretrained-<recipe>/, so later chapters start from a pretrained model on a fresh
-    clone. In quick mode ($LILLLM_QUICK, the tests) a 30-step run is cached apart, in
-    runs/pretrained-<recipe>-quick/."""
+    """The best.pt of a finished run of `recipe`, so that later chapters start from a pretrained
+    model on a fresh clone: the run cached in runs/pretrained-<recipe>/, else the recipe's own
+    run (runs/tiny, from `lilllm train tiny`) if it is the same run, else one trained now and
+    cached. The same run: the recipe's settings (out_dir aside), the checkpoint format, the
+    tokenizer, one process, and finished. In quick mode ($LILLLM_QUICK, the tests) a 30-step run
+    is cached apart, in runs/pretrained-<recipe>-quick/."""
     name = f"pretrained-{recipe}" + ("-quick" if quick_mode() else "")
     final = RUNS_DIR / name
-    quick_settings = ["--steps=30", "--warmup=5", "--eval-interval=0"] if quick_mode() else []
-    wanted = {**make_config(recipe, quick_settings).to_dict(), "out_dir": None, "format": FORMAT}
-    if not (final / BEST).exists() or _settings_of(final) != wanted:
-        shutil.rmtree(final, ignore_errors=True)  # an unfinished run, or one of an older recipe or format
-        print(f"training the {recipe} recipe once, into {shown(final)} (later calls reuse it)", flush=True)
-        # Trained beside and renamed when done: a parallel caller never sees half a run.
-        temp = RUNS_DIR / f".{name}.{os.getpid()}.tmp"
+    settings = QUICK_SETTINGS if quick_mode() else []
+    config = make_config(recipe, settings)
+    wanted = _identity(config.to_dict(), load_data(config).tokenizer.fingerprint, FORMAT, processes=1)
+    for run_dir in (final, repo_path(config.out_dir)):
+        if _finished_run_of(run_dir, wanted, config):
+            return run_dir / BEST
+    shutil.rmtree(final, ignore_errors=True)  # an unfinished run, or one of an older recipe, format or tokenizer
+    print(f"training the {recipe} recipe once, into {shown(final)} (later calls reuse it)", flush=True)
+    # Trained beside and renamed when done: a parallel caller never sees half a run.
+    temp = RUNS_DIR / f".{name}.{os.getpid()}.tmp"
+    shutil.rmtree(temp, ignore_errors=True)
+    train(make_config(recipe, [f"--out-dir={temp}", *settings]), progress=False)
+    try:
+        os.replace(temp, final)
+    except OSError:  # another process finished first: keep its run
         shutil.rmtree(temp, ignore_errors=True)
-        train(make_config(recipe, [f"--out-dir={temp}", *quick_settings]), progress=False)
-        try:
-            os.replace(temp, final)
-        except OSError:  # another process finished first: keep its run
-            shutil.rmtree(temp, ignore_errors=True)
-        print(f"cached: {shown(final / BEST)}", flush=True)  # the lines above named the temporary folder
+    print(f"cached: {shown(final / BEST)}", flush=True)  # the lines above named the temporary folder
     return final / BEST
 
 
-def _settings_of(run_dir: Path) -> dict | None:
-    """The settings a cached run was trained with, out_dir left out (it is trained in a
-    temporary folder), and its checkpoint format; None if unreadable."""
+def _identity(settings: dict, tokenizer_fingerprint, checkpoint_format, processes) -> dict:
+    """What makes two runs the same run: their settings apart from out_dir, the tokenizer, the
+    checkpoint format and the number of processes (several make a larger global batch)."""
+    return {**settings, "out_dir": None, "tokenizer": tokenizer_fingerprint, "format": checkpoint_format,
+            "processes": processes}
+
+
+def _finished_run_of(run_dir: Path, wanted: dict, config) -> bool:
+    """Whether run_dir holds a finished run whose identity is `wanted`."""
     try:
         saved = json.loads((run_dir / CONFIG_FILE).read_text())
-        return {**saved["train"], "out_dir": None, "format": saved.get("checkpoint_format")}
-    except (OSError, ValueError, KeyError):
-        return None
+        identity = _identity(saved["train"], saved.get("tokenizer_fingerprint"), saved.get("checkpoint_format"),
+                             saved.get("processes", 1))  # older runs did not write processes: one
+        if identity != wanted or not (run_dir / BEST).exists():
+            return False
+        state = load_checkpoint(run_dir / LAST)
+        return is_finished(state["step"], state["clock"]["train_time"], config)
+    except (OSError, ValueError, KeyError, LilllmError):  # no run there, or an unreadable one
+        return False
 
 
 # --- re-executing notebooks --------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The environment report (`lilllm env`): is everything the course needs installed, which
-device will run the model, and is the data file intact?"""
+"""The environment report (`lilllm env`): is everything the course needs installed (and which
+build of torch), which device will run the model, and is the data file intact?"""
 
 import os
 import platform
@@ -61,12 +61,38 @@ def check_requirements() -> list[Check]:
     return checks
 
 
+CPU_WHEELS = "https://download.pytorch.org/whl/cpu"
+
+
+def check_torch_build() -> Check:
+    """Which build of torch is installed. A CUDA build on a machine without a GPU carries
+    gigabytes of CUDA libraries it never uses: say how much, and how to get the CPU build."""
+    if torch.version.cuda is None:
+        return Check(True, f"torch {torch.__version__}: the CPU build (no CUDA libraries)")
+    message = f"torch {torch.__version__}: the CUDA {torch.version.cuda} build"
+    if not torch.cuda.is_available():
+        size = _installed_bytes(lambda name: name.startswith("nvidia-"))
+        message += (f", with {size / 1e9:.1f} GB of CUDA libraries (nvidia-* packages) and no GPU to use them here: "
+                    f"the CPU build is much smaller; in a fresh venv: pip install torch --index-url {CPU_WHEELS}")
+    return Check(True, message)
+
+
+def _installed_bytes(wanted) -> int:
+    """The bytes of every installed distribution whose lower-case name `wanted` accepts."""
+    total = 0
+    for dist in metadata.distributions():
+        if wanted((dist.metadata["Name"] or "").lower()):
+            total += sum(file.size or 0 for file in dist.files or ())
+    return total
+
+
 def environment_report(device: str | None = None) -> list[Check]:
     """Everything `lilllm env` prints: requirements, device, threads, the data file."""
     try:
         checks = check_requirements()
     except LilllmError as err:
         checks = [Check(False, str(err))]
+    checks.append(check_torch_build())
     try:
         chosen = pick_device(device)
         how = "chosen" if device or os.environ.get(DEVICE_ENV_VAR) else f"auto: cuda → mps → cpu; override with --device or ${DEVICE_ENV_VAR}"

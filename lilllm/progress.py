@@ -23,22 +23,33 @@ class Progress:
             self.bar = tqdm(total=steps, initial=first_step, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, seconds: float, loss: float, val_bpb: float | None, tokens_per_s: float) -> None:
-        val = "—" if val_bpb is None else f"{val_bpb:.4f}"
+        # every number with its unit; no val until the first evaluation has given one
+        figures = [f"loss {loss:.4f} nats/token", *([f"val {val_bpb:.4f} bits/byte"] if val_bpb is not None else []),
+                   f"{tokens_per_s:,.0f} tokens/s"]
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {loss:.3f}, val {val} bpb, {tokens_per_s:,.0f} tok/s")
+            self.bar.set_postfix_str(", ".join(figures))
             return
         done = max(step / self.steps, seconds / self.time_budget if self.time_budget else 0.0)
         if self.show and (done >= self.next_line or step == self.steps):
             self.next_line = math.floor(done * 10 + 1) / 10
             left = max(0.0, seconds * (1 - done) / max(done, 1e-9))
             of = f"{format_seconds(self.time_budget)} budget" if self.time_budget else f"{self.steps:,}"
-            print(f"step {step:>6,} of {of} | loss {loss:.4f} | val {val} bpb | {tokens_per_s:,.0f} tok/s | "
+            print(f"step {step:>6,} of {of} | {' | '.join(figures)} | "
                   f"{format_seconds(seconds)} elapsed, ~{format_seconds(left)} left", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def start_banner(recipe: str | None, parameters: int, tokens_per_step: int, config, device, out_dir: str) -> str:
+    """What a run is about to train, in one line: the recipe, the model's size, the tokens of
+    one optimizer step, how long it runs, the device and precision, and where it writes."""
+    length = f"{config.steps:,} steps" + (f" or {format_seconds(config.time_budget)}" if config.time_budget else "")
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"  # lilllm.runtime.autocast_context's rule
+    return (f"training {f'the {recipe} recipe' if recipe else 'a model'}: {parameters:,} parameters, "
+            f"{tokens_per_step:,} tokens per step, {length}, on {device} in {precision}, into {out_dir}")
 
 
 def format_seconds(seconds: float) -> str:

@@ -6,6 +6,8 @@ The bottom of the package: it imports nothing of lilllm but `LilllmError`.
 """
 
 import os
+import platform
+import re
 import signal
 import threading
 import warnings
@@ -137,3 +139,14 @@ class StopOnInterrupt:
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
+
+
+def machine() -> str:
+    """Where a timing ran, in one line: the processor, the threads PyTorch uses, its version."""
+    processor = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # Linux names the model there; platform.processor() says only x86_64
+        model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+        processor = model.group(1).strip() if model else processor
+    threads = torch.get_num_threads()
+    return f"{processor}, {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}"

@@ -189,6 +189,24 @@ def stream(model: GPT, tokenizer, prompt_ids, max_new_tokens: int, **options) ->
     return decode_stream(tokenizer, generate_tokens(model, prompt_ids, max_new_tokens, **options))
 
 
+def until_blank_line(pieces: Iterable[str]) -> Iterator[str]:
+    """The text pieces up to the first blank line, which is left out: where a speech of a play
+    ends, so a pretrained model's reply ends there too. A newline waits for the next piece,
+    which shows whether it starts a blank line."""
+    pending = ""
+    for piece in pieces:
+        text = pending + piece
+        end = text.find("\n\n")
+        if end >= 0:
+            if end > 0:
+                yield text[:end]
+            return
+        kept = text.rstrip("\n")  # at most one newline waits: two would have been a blank line
+        pending = text[len(kept):]
+        if kept:
+            yield kept
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """A text prompt as ids, refusing an empty one (a character tokenizer also refuses
     characters it has never seen)."""

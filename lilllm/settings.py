@@ -10,7 +10,9 @@ Options are written with dashes (--out-dir); underscores are accepted too.
 """
 
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -67,6 +69,41 @@ def settings_from_dict(cls, values: dict, nested: dict | None = None):
 def dashed(key: str) -> str:
     """A setting's name as the command line writes it: out_dir → out-dir."""
     return key.replace("_", "-")
+
+
+def field_notes(cls) -> dict[str, str]:
+    """{field: the comment at the end of its line} in the source of the dataclass `cls`: the
+    one line of meaning `--help` shows beside each setting, so that help cannot go stale."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    notes = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+): [^#]*#\s*(.+)", line)
+        if match and match.group(1) in names:
+            notes[match.group(1)] = match.group(2).strip()
+    return notes
+
+
+def settings_help(settings, prefix: str = "", skip=()) -> str:
+    """One line per field of the dataclass instance `settings`: `--{prefix}key=value` with its
+    value as the command line spells it, then the field's comment (`field_notes`)."""
+    notes = field_notes(type(settings))
+    lines = []
+    for field in dataclasses.fields(settings):
+        if field.name in skip:
+            continue
+        option = f"  --{prefix}{dashed(field.name)}={spelt(getattr(settings, field.name))}"
+        note = notes.get(field.name, "")
+        lines.append(f"{option:<34} {note}" if len(option) < 34 else f"{option}\n{'':<34} {note}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def spelt(value) -> str:
+    """A setting's value as `--key=value` writes it: none, true, 0.002, {"n_layers": 2}."""
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    if value is None or isinstance(value, (bool, dict, list)):
+        return json.dumps(value).replace("null", "none")
+    return str(value)
 
 
 def _read_file(path) -> dict:

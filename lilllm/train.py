@@ -31,7 +31,7 @@ from lilllm.checkpoint import check_resumable, load_checkpoint, load_model, save
 from lilllm.config import ModelConfig, check_finite
 from lilllm.data import PreparedData, get_batch, load_prepared, prepared_dataset
 from lilllm.model import GPT, summed_cross_entropy
-from lilllm.progress import METRICS, Progress, append_metrics, plot_metrics, read_metrics
+from lilllm.progress import METRICS, Progress, append_metrics, plot_metrics, read_metrics, start_banner
 from lilllm.runtime import (StopOnInterrupt, autocast_context, distributed, from_rank0, mean_over_processes, pick_device,
                             repo_path, shown, write_atomically)
 from lilllm.settings import make_settings, settings_from_dict
@@ -44,38 +44,39 @@ class TrainConfig:
     """Everything that decides a training run. The defaults are the `tiny` recipe: the
     course's Llama-style model on byte-level BPE, a couple of minutes on a laptop CPU."""
 
+    # Each field's comment is its one line in `lilllm train --help` (lilllm.settings.field_notes).
     # data
-    tokenizer: str = "bpe"  # "bpe" or "char"
-    vocab_size: int | None = 2048  # BPE only; a character vocabulary is set by the text
-    data_dir: str | None = None  # a folder made by `lilllm prepare`; None: tiny-shakespeare
+    tokenizer: str = "bpe"  # bpe or char
+    vocab_size: int | None = 2048  # BPE vocabulary, special tokens included (char: set by the text)
+    data_dir: str | None = None  # a folder made by `lilllm prepare`; none: tiny-shakespeare
     # model: a ModelConfig preset, and values changed in it (the block size lives here). Two of
     # the default's four layers: in a run of a minute or two the shallower model's faster steps
     # win (val 2.17 against 2.21 bits per byte after 91 s on 2 cores; README, Results).
-    model_preset: str = "default"
-    model: dict = field(default_factory=lambda: {"block_size": 128, "n_layers": 2})
-    # batches: batch_size sequences per rank per micro-step, grad_accum micro-steps per step
-    batch_size: int = 16
-    grad_accum: int = 1
+    model_preset: str = "default"  # the ModelConfig preset: default, gpt2, moe, pldr-tiny, ...
+    model: dict = field(default_factory=lambda: {"block_size": 128, "n_layers": 2})  # changes to the preset
+    # batches
+    batch_size: int = 16  # sequences per process per micro-step
+    grad_accum: int = 1  # micro-steps whose gradients add up to one optimizer step
     # optimisation
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps of the run
     time_budget: float | None = None  # seconds of training; set, it ends the run and paces the schedule
-    lr: float = 2e-3
+    lr: float = 2e-3  # the peak learning rate, reached after warmup
     min_lr: float = 2e-4  # the floor the cosine decays to
     warmup: int = 100  # steps of linear warmup
-    weight_decay: float = 0.1  # on matrices only
-    beta1: float = 0.9
-    beta2: float = 0.99
-    clip: str = "norm"  # "norm", "value" (clamp each gradient entry) or "none"
+    weight_decay: float = 0.1  # AdamW's, on matrices only
+    beta1: float = 0.9  # AdamW's decay of the gradient's running mean
+    beta2: float = 0.99  # AdamW's decay of the squared gradient's running mean
+    clip: str = "norm"  # norm, value (clamp each gradient entry) or none
     grad_clip: float = 1.0  # the largest norm (or value)
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # steps between evaluations and checkpoints; 0: only at the end
-    log_interval: int = 10  # steps between metric records
+    log_interval: int = 10  # steps between records in metrics.jsonl
     eval_batch_size: int = 32  # windows per forward pass during evaluation
     # where and how
-    seed: int = 0
-    device: str | None = None  # None: cuda → mps → cpu
-    compile: bool = False
-    out_dir: str = "runs/tiny"  # relative paths are taken from the repository root
+    seed: int = 0  # seeds the initial weights, the batches and dropout
+    device: str | None = None  # cpu, cuda, cuda:N or mps; none: cuda, else mps, else cpu
+    compile: bool = False  # run the model through torch.compile
+    out_dir: str = "runs/tiny"  # checkpoints, metrics and the plot; relative paths start at the repository
 
     def __post_init__(self):
         check_finite("", dataclasses.asdict(self))
@@ -272,6 +273,12 @@ def evaluate_checkpoint(path, device: str | None = None) -> dict:
 
 # --- the run -------------------------------------------------------------------------------
 
+def is_finished(step: int, train_time: float, config: TrainConfig) -> bool:
+    """Whether a run at `step`, after `train_time` seconds of training, has done all the steps
+    of `config` or spent its time budget."""
+    return step >= config.steps or (config.time_budget is not None and train_time >= config.time_budget)
+
+
 @dataclass
 class TrainResult:
     model: GPT  # the model as the run ended (best.pt holds the best-val one)
@@ -279,13 +286,23 @@ class TrainResult:
     out_dir: Path
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool | None = None) -> TrainResult:
+def train(config: TrainConfig, resume: bool = False, progress: bool | None = None, recipe: str | None = None,
+          resume_command: str | None = None) -> TrainResult:
     """Run (or, with resume=True, continue from out_dir/last.pt) the training `config`
-    describes. `progress`: a tqdm bar (default when stderr is a terminal) or plain lines."""
+    describes. `progress`: a tqdm bar (default when stderr is a terminal) or plain lines.
+    `recipe` names the recipe in the start banner; `resume_command` is the command an
+    interrupted run tells you to type to continue it (`lilllm train` passes its own)."""
     run = Run(config, resume)
+    if run.finished():  # resumed at its end: nothing to train, nothing to write
+        run.say(f"the run in {shown(run.out_dir)} is finished (step {run.step:,} of {config.steps:,}"
+                f"{', its time budget spent' if run.out_of_time() else ''}): nothing to do. To train it further, "
+                "resume it with a larger --steps (or --time-budget)")
+        run.leave_process_group()
+        return TrainResult(model=run.model, summary=run.summary(interrupted=False), out_dir=run.out_dir)
+    run.start(recipe)
     display = Progress(config.steps, config.time_budget, run.step, progress, show=run.writer)
     with StopOnInterrupt() as interrupt:
-        while run.step < config.steps:
+        while True:
             started = time.perf_counter()
             lr = learning_rate(run.step, config, run.schedule_progress())
             metrics = train_step(run.model, run.optimizer, run.micro_batches(), lr, config, run.step, run.wrapped,
@@ -295,13 +312,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
             if run.step % config.log_interval == 0:
                 run.log_train(metrics, lr)
             stop, timed_out = from_rank0([interrupt.requested, run.out_of_time()], run.world_size, run.device)
-            if config.eval_interval and run.step % config.eval_interval == 0 and run.step < config.steps and not stop:
-                run.evaluate()
+            finished = run.step >= config.steps or timed_out
+            if finished or (config.eval_interval and run.step % config.eval_interval == 0 and not stop):
+                run.evaluate()  # the last evaluation before the last update: the display ends on the final score
             display.update(run.step, run.train_time, metrics["loss"], run.val_bpb, run.tokens_per_s())
-            if stop or timed_out:
+            if finished or stop:
                 break
     display.close()
-    return run.finish(interrupted=interrupt.requested and run.step < config.steps)
+    return run.finish(interrupted=not finished, resume_command=resume_command)
 
 
 class Run:
@@ -340,21 +358,34 @@ class Run:
         elif (self.out_dir / LAST).exists() or (self.out_dir / BEST).exists():
             raise LilllmError(f"{shown(self.out_dir)} already holds a run: pass --resume to continue it, "
                               "or choose another --out-dir")
+        self.resumed = resume
+        self.first_step, self.first_time = self.step, self.train_time  # where this process started: its speed
+
+    def start(self, recipe: str | None = None) -> None:
+        """Say what is about to train, write config.json (a new run also an empty metrics.jsonl;
+        a resumed one keeps its records up to the checkpoint), and wrap the model for DDP and
+        torch.compile."""
+        model_config = self.model.config
+        self.say(start_banner(recipe, self.model.parameter_counts()["total"], self.tokens_per_step(),
+                              self.config, self.device, shown(self.out_dir)))
         if self.writer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            run_config = {"train": config.to_dict(), "model": model_config.to_dict(),
+            run_config = {"train": self.config.to_dict(), "model": model_config.to_dict(), "processes": self.world_size,
                           "tokenizer_fingerprint": self.tokenizer.fingerprint, "checkpoint_format": CHECKPOINT_FORMAT}
             write_atomically(self.out_dir / CONFIG_FILE, json.dumps(run_config, indent=1) + "\n")
-            if not resume:
+            if self.resumed:  # drop records a crashed run wrote after its last checkpoint
+                records = [r for r in read_metrics(self.out_dir) if r["step"] <= self.step]
+                write_atomically(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+                self.say(f"resuming {shown(self.out_dir / LAST)} at step {self.step:,}")
+            else:
                 (self.out_dir / METRICS).write_text("")
         self.wrapped = self.model
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
-        if config.compile:
+        if self.config.compile:
             self.wrapped = torch.compile(self.wrapped)
         self.model.train()
-        self.first_step, self.first_time = self.step, self.train_time  # where this process started: its speed
 
     def _resume(self) -> None:
         path = self.out_dir / LAST
@@ -366,12 +397,8 @@ class Run:
         self.generator.set_state(state["rng"]["batches"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.step, self.best_val_bpb = state["step"], state["best_val_bpb"]
+        self.step, self.best_val_bpb, self.val_bpb = state["step"], state["best_val_bpb"], state.get("val_bpb")
         self.train_time, self.warm_time = state["clock"]["train_time"], state["clock"]["warm_time"]
-        if self.writer:  # drop records a crashed run wrote after its last checkpoint
-            records = [r for r in read_metrics(self.out_dir) if r["step"] <= self.step]
-            write_atomically(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in records))
-        self.say(f"resuming {shown(path)} at step {self.step}")
 
     def say(self, *args, **kwargs) -> None:
         if self.writer:
@@ -398,9 +425,14 @@ class Run:
     def out_of_time(self) -> bool:
         return self.config.time_budget is not None and self.train_time >= self.config.time_budget
 
+    def finished(self) -> bool:
+        return is_finished(self.step, self.train_time, self.config)
+
+    def tokens_per_step(self) -> int:
+        return self.config.batch_size * self.config.grad_accum * self.world_size * self.block_size
+
     def tokens_per_s(self) -> float:
-        tokens_per_step = self.config.batch_size * self.config.grad_accum * self.world_size * self.block_size
-        return tokens_per_step * (self.step - self.first_step) / max(self.train_time - self.first_time, 1e-9)
+        return self.tokens_per_step() * (self.step - self.first_step) / max(self.train_time - self.first_time, 1e-9)
 
     def log(self, record: dict) -> None:
         if self.writer:
@@ -430,32 +462,37 @@ class Run:
         if not self.writer:
             return
         save_checkpoint(path, self.model, self.tokenizer, step=self.step, optimizer=self.optimizer.state_dict(),
-                        train_config=json.dumps(self.config.to_dict()), best_val_bpb=self.best_val_bpb,
+                        train_config=json.dumps(self.config.to_dict()), val_bpb=self.val_bpb,
+                        best_val_bpb=self.best_val_bpb,
                         clock={"train_time": self.train_time, "warm_time": self.warm_time},
                         rng={"torch": torch.get_rng_state(), "batches": self.generator.get_state(),  # dropout, batches
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
 
-    def finish(self, interrupted: bool) -> TrainResult:
-        """Save (interrupted) or evaluate a last time (finished); leave the process group;
-        then rank 0 alone writes the plot and says what it did."""
+    def finish(self, interrupted: bool, resume_command: str | None = None) -> TrainResult:
+        """Save (interrupted; a finished run saved at its last evaluation); leave the process
+        group; then rank 0 alone writes the plot and says what it did."""
         if interrupted:
             self.save(self.out_dir / LAST)
-        else:
-            self.evaluate()
+        self.leave_process_group()
+        summary = self.summary(interrupted)
+        if interrupted:
+            self.say(f"interrupted at step {self.step:,}: saved {shown(self.out_dir / LAST)}; continue with:\n"
+                     f"  {resume_command or 'train(config, resume=True)'}")
+        elif self.writer:
+            plot_metrics(read_metrics(self.out_dir)).savefig(self.out_dir / PLOT, dpi=120, bbox_inches="tight")
+            self.say(f"done: step {self.step:,}, val {self.val_bpb:.4f} bits/byte (best {self.best_val_bpb:.4f}), "
+                     f"{summary['bytes_per_s']:,.0f} bytes/s; checkpoints, metrics and {PLOT} in {shown(self.out_dir)}")
+        return TrainResult(model=self.model, summary=summary, out_dir=self.out_dir)
+
+    def leave_process_group(self) -> None:
         if self.world_size > 1:  # every collective is done and every rank waits for rank 0's checkpoints
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-        if interrupted:
-            self.say(f"interrupted at step {self.step}: saved {shown(self.out_dir / LAST)}; continue with --resume")
-        elif self.writer:
-            plot_metrics(read_metrics(self.out_dir)).savefig(self.out_dir / PLOT, dpi=120, bbox_inches="tight")
-        summary = {
+
+    def summary(self, interrupted: bool) -> dict:
+        return {
             "step": self.step, "interrupted": interrupted, "val_bpb": self.val_bpb, "best_val_bpb": self.best_val_bpb,
             "train_time_s": self.train_time, "tokens_per_s": self.tokens_per_s(),
             "bytes_per_s": self.tokens_per_s() * self.bytes_per_token,
             "flops_per_token": self.model.flops_per_token(), "parameters": self.model.parameter_counts()["total"],
         }
-        if not interrupted:
-            self.say(f"done: step {self.step:,}, val {self.val_bpb:.4f} bits per byte (best {self.best_val_bpb:.4f}), "
-                     f"{summary['bytes_per_s']:,.0f} bytes/s; checkpoints, metrics and {PLOT} in {shown(self.out_dir)}")
-        return TrainResult(model=self.model, summary=summary, out_dir=self.out_dir)

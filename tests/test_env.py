@@ -11,7 +11,7 @@ import yaml
 
 from lilllm import LilllmError
 from lilllm.cli import main as cli_main
-from lilllm.env import environment_report
+from lilllm.env import check_torch_build, environment_report
 from lilllm.runtime import REPO_ROOT, pick_device
 
 
@@ -35,6 +35,18 @@ def test_lilllm_env_fails_with_exit_1_when_the_data_is_corrupt(monkeypatch, caps
     monkeypatch.setitem(lilllm.data.EXPECTED, lilllm.data.TINYSHAKESPEARE, (1_115_394, "0" * 64))
     assert cli_main(["env"]) == 1
     assert "[FAIL] " in capsys.readouterr().out
+
+
+def test_env_names_the_torch_build_and_points_to_the_cpu_one_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "the CPU build" in str(check_torch_build())
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = str(check_torch_build())
+    assert "the CUDA 12.8 build, with" in message and "GB of CUDA libraries" in message
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in message
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU uses them: nothing to say
+    assert str(check_torch_build()).endswith("the CUDA 12.8 build")
 
 
 def test_pick_device_auto_and_override(monkeypatch):

@@ -16,11 +16,12 @@ from lilllm.cli import main as cli_main
 from lilllm.config import ModelConfig
 from lilllm.bench import bench_generate
 from lilllm.chat import chat_template, plain_prompt, stop_ids
+from lilllm.checkpoint import load_model
 from lilllm.data import load_text, prepare
 from lilllm.layers.attention import cache_bytes
 from lilllm.model import GPT
 from lilllm.sampling import (apply_temperature, check_prompt, decode_stream, encode_prompt, generate, generate_tokens,
-                             process_logits, sample_next, stream, top_k_filter, top_p_filter)
+                             process_logits, sample_next, stream, top_k_filter, top_p_filter, until_blank_line)
 from lilllm.tokenizer import BPETokenizer, CharTokenizer
 from lilllm.train import BEST, make_config, train
 
@@ -255,8 +256,18 @@ def test_plain_prompt_and_stop_ids():
     tokenizer = CharTokenizer("abc\n")
     messages = [{"role": "user", "content": "ab\n"}, {"role": "assistant", "content": "ca\n"}]
     assert chat_template("plain") is plain_prompt
-    assert tokenizer.decode(plain_prompt(tokenizer, messages)) == "ab\nca\n"
+    assert tokenizer.decode(plain_prompt(tokenizer, messages)) == "ab\n\nca\n\n"  # speeches, as in the play
     assert stop_ids(tokenizer) == [tokenizer.special_ids["<|endoftext|>"], tokenizer.special_ids["<|end|>"]]
+
+
+@pytest.mark.parametrize("pieces, expected", [
+    (["Nay, answer me", "\n", "\nFRANCISCO:"], "Nay, answer me"),  # the blank line comes in two pieces
+    (["Stand,\nand unfold", " yourself.\n\nLong"], "Stand,\nand unfold yourself."),  # one newline is kept
+    (["no blank line\n"], "no blank line"),
+    (["\n\nat once"], ""),
+])
+def test_until_blank_line_ends_a_reply_where_the_speech_ends(pieces, expected):
+    assert "".join(until_blank_line(pieces)) == expected
 
 
 # --- the benchmark ------------------------------------------------------------------------
@@ -315,21 +326,115 @@ def test_cli_sample_prints_the_seeded_continuation(checkpoint, capsys):
     printed = capsys.readouterr().out
     assert cli_main(args + ["--stream"]) == 0
     assert capsys.readouterr().out == printed
-    from lilllm.checkpoint import load_model
-
     model, tokenizer, _ = load_model(checkpoint, "cpu")
     expected = tokenizer.decode(generate(model, tokenizer.encode("ROMEO:"), 30, temperature=0.8, top_k=20,
                                          top_p=0.9, seed=5, stop_ids=stop_ids(tokenizer)))
-    assert printed == expected + "\n"
+    assert printed == "ROMEO:" + expected + "\n"  # the prompt, then its continuation
+
+
+def test_cli_sample_dims_the_prompt_on_a_terminal(checkpoint, capsys, monkeypatch):
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert cli_main(["sample", str(checkpoint), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("\033[2mROMEO:\033[0m")
+
+
+class Terminal(io.StringIO):
+    """Typed input: what `lilllm chat` reads when a person types."""
+
+    def isatty(self):
+        return True
+
+
+def chat(checkpoint, monkeypatch, typed: str, *, terminal=False, replies=None) -> list[str]:
+    """Run `lilllm chat` on `typed`; with `replies` (a function of the prompt's ids giving text
+    pieces) instead of the model. Returns the prompts the model was given, as text."""
+    import lilllm.sampling
+
+    _, tokenizer, _ = load_model(checkpoint, "cpu")
+    prompts, real_stream = [], lilllm.sampling.stream
+
+    def recording_stream(model, tokenizer_, prompt_ids, max_new_tokens, **options):
+        prompts.append(tokenizer.decode(prompt_ids))
+        return replies(prompt_ids) if replies else real_stream(model, tokenizer_, prompt_ids, max_new_tokens, **options)
+
+    monkeypatch.setattr(lilllm.sampling, "stream", recording_stream)
+    monkeypatch.setattr("sys.stdin", Terminal(typed) if terminal else io.StringIO(typed))
+    assert cli_main(["chat", str(checkpoint), "--max-new-tokens", "12", "--seed", "0"]) == 0
+    return prompts
 
 
 def test_cli_chat_reads_piped_turns(checkpoint, capsys, monkeypatch):
-    monkeypatch.setattr("sys.stdin", io.StringIO("Good morrow.\nWhat news?\n"))
     capsys.readouterr()
-    assert cli_main(["chat", str(checkpoint), "--max-new-tokens", "12", "--seed", "0"]) == 0
+    chat(checkpoint, monkeypatch, "Good morrow.\nWhat news?\n")
     out = capsys.readouterr().out
     replies = [line for line in out.splitlines() if line.startswith("assistant: ")]
     assert len(replies) == 2
+
+
+def test_cli_chat_says_a_pretrained_model_is_not_chat_tuned(checkpoint, capsys, monkeypatch):
+    capsys.readouterr()
+    chat(checkpoint, monkeypatch, "Good morrow.\n")
+    note = capsys.readouterr().err
+    assert "is a pretrained model, not chat-tuned" in note and "fine-tune one with `lilllm sft`" in note
+
+
+def test_cli_chat_ends_on_exit_or_quit_without_sending_it(checkpoint, capsys, monkeypatch):
+    for word in ("exit", "quit", " Quit "):
+        prompts = chat(checkpoint, monkeypatch, f"Good morrow.\n{word}\nNever read.\n")
+        assert len(prompts) == 1 and word.strip().lower() not in prompts[0].lower()
+
+
+def test_cli_chat_stops_a_pretrained_model_at_the_end_of_its_speech(checkpoint, capsys, monkeypatch):
+    capsys.readouterr()
+    speech = lambda prompt: iter(["BERNARDO:\nLong live", " the king!\n", "\nFRANCISCO:\nYou come"])
+    prompts = chat(checkpoint, monkeypatch, "Who's there?\nWhat news?\n", replies=speech)
+    assert "assistant: BERNARDO:\nLong live the king!\n" in capsys.readouterr().out
+    assert "FRANCISCO" not in prompts[1]  # the history holds the speech as it was shown
+    assert prompts[1].endswith("Who's there?\n\nBERNARDO:\nLong live the king!\n\nWhat news?\n\n")
+
+
+def test_cli_chat_stops_a_chat_tuned_model_at_its_end_of_turn(checkpoint, capsys, monkeypatch, tmp_path):
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({**state, "chat_template": "lilllm"}, tmp_path / "tuned.pt")  # as lilllm sft names it
+    used = []
+
+    def recording_generate(model, prompt_ids, max_new_tokens, **options):
+        used.append(options["stop_ids"])
+        return iter([])
+
+    monkeypatch.setattr("lilllm.sampling.generate_tokens", recording_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Who's there?\n"))
+    capsys.readouterr()
+    assert cli_main(["chat", str(tmp_path / "tuned.pt")]) == 0
+    captured = capsys.readouterr()
+    _, tokenizer, _ = load_model(checkpoint, "cpu")
+    assert used == [stop_ids(tokenizer)] and tokenizer.special_ids["<|end|>"] in used[0]
+    assert "not chat-tuned" not in captured.err
+
+
+def test_cli_chat_ctrl_c_stops_the_reply_not_the_chat(checkpoint, capsys, monkeypatch):
+    def interrupted(prompt):
+        yield "Long live"
+        raise KeyboardInterrupt  # what Ctrl-C raises while the model writes
+
+    capsys.readouterr()
+    prompts = chat(checkpoint, monkeypatch, "Who's there?\nWhat news?\n", replies=interrupted)
+    assert len(prompts) == 2  # the chat went on to the second message
+    assert capsys.readouterr().out.count("Long live [stopped]\n") == 2
+
+
+def test_cli_chat_reports_a_message_it_cannot_encode_and_goes_on(checkpoint, capsys, monkeypatch):
+    capsys.readouterr()
+    prompts = chat(checkpoint, monkeypatch, "日本\nGood morrow.\n")  # a character model never saw these
+    assert "error: character '日' is not in" in capsys.readouterr().err
+    assert len(prompts) == 1 and "日" not in prompts[0]
+
+
+def test_cli_chat_ends_input_on_a_new_line(checkpoint, capsys, monkeypatch):
+    capsys.readouterr()
+    chat(checkpoint, monkeypatch, "", terminal=True)  # Ctrl-D at once
+    assert capsys.readouterr().out.endswith("you: \n")
 
 
 @pytest.mark.parametrize("args, match", [
@@ -359,11 +464,48 @@ def test_cli_bench_generate_ends_with_a_json_line(capsys, monkeypatch):
     small = ModelConfig(vocab_size=64, block_size=16, d_model=32, n_layers=1, n_heads=2)
     monkeypatch.setattr(bench, "generation_models", lambda: {"tiny": small, "default": small})
     assert cli_main(["bench", "generate", "--lengths", "4", "8"]) == 0
-    lines = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    lines = json.loads(captured.out.strip().splitlines()[-1])
     assert set(lines) == {"tiny", "default"}
     for line in lines.values():
         assert line["speedup_512"] is None and set(line["tokens_s_cached"]) == {"4", "8"}
-        assert all(math.isfinite(v) and v > 0 for v in line["speedup"].values())
+        assert all(math.isfinite(v) and v > 0 and round(v, 2) == v for v in line["speedup"].values())
+        assert all(isinstance(v, int) for v in line["tokens_s_cached"].values())  # rounded to whole tokens/s
+    assert captured.err.count("new tokens:") == 4  # progress, one line per model and length, off stdout
+
+
+def test_cli_bench_generate_writes_the_readmes_table(capsys, monkeypatch, tmp_path):
+    import lilllm.bench as bench
+
+    small = ModelConfig(vocab_size=64, block_size=16, d_model=32, n_layers=1, n_heads=2)
+    monkeypatch.setattr(bench, "generation_models", lambda: {"tiny": small})
+    readme = tmp_path / "README.md"
+    readme.write_text("# Results\n<!-- bench generate -->\nan old table\n<!-- /bench generate -->\nThe end.\n")
+    command = ["bench", "generate", "--lengths", "4", "--repeats", "1", "--markdown", "--readme", str(readme)]
+    assert cli_main(command) == 0
+    printed = capsys.readouterr().out
+    written = readme.read_text()
+    assert "an old table" not in written and written.startswith("# Results\n") and written.endswith("The end.\n")
+    table = written.split("<!-- bench generate -->\n")[1].split("\n<!-- /bench generate -->")[0]
+    assert table in printed
+    assert f"Measured with `lilllm {' '.join(command)}` on " in table and f"torch {torch.__version__}" in table
+    assert "| `tiny` (1 layers, context 16) | 4 |" in table
+    readme.write_text("no markers here\n")
+    assert cli_main(command) == 2
+    assert "needs one <!-- bench generate --> line" in capsys.readouterr().err
+
+
+def test_the_tokenizer_benchmarks_table():
+    from lilllm.bench import markdown_tokenizer
+    from lilllm.runtime import machine
+
+    result = {"vocab_size": 2048, "repeats": 3, "megabytes": 1.115, "tokens": 390696, "ids_identical": True,
+              "train_s": 0.53, "hf_mb_s": 1.54, "tiktoken_mb_s": 15.6, "speedup": 10.1}
+    table = markdown_tokenizer(result, "lilllm bench tokenizer --readme")
+    assert table.startswith("Measured with `lilllm bench tokenizer --readme` on ") and machine() in table
+    assert "| training the 2,048-token BPE on the train split | 0.53 s |" in table
+    assert "| the same with `tiktoken` | 15.6 MB/s (10.1× faster) |" in table
+    assert "| identical ids | yes, over all 390,696 tokens |" in table
 
 
 @pytest.mark.parametrize("call, match", [

@@ -2,9 +2,13 @@
 runs on a small corpus that checkpoint, refuse what they should, resume exactly, and run
 from the command line."""
 
+import dataclasses
 import json
 import math
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,8 +25,10 @@ from lilllm.model import GPT
 from lilllm.runtime import REPO_ROOT
 from lilllm.tokenizer import CharTokenizer
 from lilllm.progress import read_metrics
-from lilllm.train import (BEST, LAST, RECIPES, TrainConfig, clip_gradients, evaluate, learning_rate, load_data,
-                          make_config, make_optimizer, train, train_step)
+from lilllm.settings import dashed, field_notes, spelt
+from lilllm.sft import Finetune
+from lilllm.train import (BEST, CONFIG_FILE, LAST, RECIPES, TrainConfig, clip_gradients, evaluate, learning_rate,
+                          load_data, make_config, make_optimizer, train, train_step)
 import lilllm.train as train_module
 
 # A model small enough to take a few steps in well under a second.
@@ -32,6 +38,19 @@ SMALL = ["--model.d_model=32", "--model.n_layers=1", "--model.n_heads=2", "--mod
 
 def small_config(small_data, out_dir, *more):
     return make_config("tiny", [f"--data_dir={small_data}", f"--out_dir={out_dir}", "--steps=6", *SMALL, *more])
+
+
+def interrupt_at_batch(monkeypatch, n: int) -> None:
+    """Ctrl-C while the n-th batch is drawn: the run finishes that step, saves and returns."""
+    get_batch, calls = train_module.get_batch, []
+
+    def interrupting_get_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGINT)
+        return get_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "get_batch", interrupting_get_batch)
 
 
 def train_losses(out_dir):
@@ -158,25 +177,28 @@ def test_a_run_writes_metrics_checkpoints_and_a_plot(small_data, tmp_path):
 def test_resume_continues_the_same_curve_bit_for_bit(small_data, tmp_path, monkeypatch):
     straight = train(small_config(small_data, tmp_path / "straight", "--model.dropout=0.1"), progress=False)
 
-    # Ctrl-C while the 4th batch is drawn: the run finishes step 4, saves and returns.
-    get_batch, calls = train_module.get_batch, []
-
-    def interrupting_get_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            signal.raise_signal(signal.SIGINT)
-        return get_batch(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "get_batch", interrupting_get_batch)
+    interrupt_at_batch(monkeypatch, 4)
     halted = train(small_config(small_data, tmp_path / "split", "--model.dropout=0.1"), progress=False)
     assert halted.summary["interrupted"] and load_checkpoint(tmp_path / "split" / LAST)["step"] == 4
-    monkeypatch.setattr(train_module, "get_batch", get_batch)
+    monkeypatch.undo()
     resumed = train(small_config(small_data, tmp_path / "split", "--model.dropout=0.1"), resume=True, progress=False)
 
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")  # exactly, not approximately
     assert len(train_losses(tmp_path / "split")) == 6
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(small_data, tmp_path, capsys):
+    train(small_config(small_data, tmp_path), progress=False)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    capsys.readouterr()
+    result = train(small_config(small_data, tmp_path), resume=True, progress=False)
+    assert f"the run in {tmp_path} is finished (step 6 of 6): nothing to do" in capsys.readouterr().out
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert result.summary["step"] == 6 and not result.summary["interrupted"]
+    train(small_config(small_data, tmp_path, "--steps=8"), resume=True, progress=False)  # more steps: it goes on
+    assert load_checkpoint(tmp_path / LAST)["step"] == 8
 
 
 def test_an_existing_run_is_not_overwritten(small_data, tmp_path):
@@ -247,6 +269,58 @@ def test_cli_train_then_eval(small_data, tmp_path, capsys):
     assert f"val {best:.4f} bits per byte" in capsys.readouterr().out
 
 
+def test_cli_interrupt_prints_the_command_that_resumes(small_data, tmp_path, capsys, monkeypatch):
+    args = ["train", "tiny", f"--data-dir={small_data}", f"--out-dir={tmp_path / 'my run'}", "--steps=6", *SMALL]
+    interrupt_at_batch(monkeypatch, 4)
+    assert cli_main(args) == 130
+    printed = capsys.readouterr().out
+    command = printed.split("continue with:\n")[1].strip()
+    assert command == shlex.join(["lilllm", *args, "--resume"])  # the out_dir and every setting, quoted
+    monkeypatch.undo()
+    assert cli_main(shlex.split(command)[1:]) == 0
+    printed = capsys.readouterr().out
+    assert "resuming" in printed and "at step 4" in printed and "done: step 6" in printed
+
+
+def test_training_output_labels_every_number_and_ends_on_the_final_score(small_data, tmp_path, capsys):
+    result = train(small_config(small_data, tmp_path, "--eval_interval=4"), progress=False, recipe="tiny")
+    lines = capsys.readouterr().out.splitlines()
+    parameters = result.summary["parameters"]
+    assert lines[0] == (f"training the tiny recipe: {parameters:,} parameters, 64 tokens per step, 6 steps, "
+                        f"on cpu in fp32, into {tmp_path}")
+    progress = [line for line in lines if line.startswith("step ")]
+    assert len(progress) == 6 and all("nats/token" in line and "tokens/s" in line for line in progress)
+    assert not any("val" in line for line in progress[:3])  # nothing before the first evaluation, no nan
+    last_val = re.search(r"val (\d\.\d{4}) bits/byte", progress[-1]).group(1)
+    assert f"done: step 6, val {last_val} bits/byte" in lines[-1]
+
+
+def test_the_bar_ends_on_the_score_of_the_done_line(small_data, tmp_path, capsys):
+    train(small_config(small_data, tmp_path, "--eval_interval=4"), progress=True)
+    captured = capsys.readouterr()
+    bar_vals = re.findall(r"val (\d\.\d{4}) bits/byte", captured.err)
+    assert bar_vals and f"done: step 6, val {bar_vals[-1]} bits/byte" in captured.out
+
+
+def test_train_help_lists_every_setting_with_its_default_and_meaning(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    printed = capsys.readouterr().out
+    notes = field_notes(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        assert f"--{dashed(field.name)}={spelt(getattr(TrainConfig(), field.name))}" in printed
+        assert notes.get(field.name) and notes[field.name] in printed, f"{field.name} needs a comment on its line"
+    assert "--model.d-model=128" in printed and "nanogpt-cpu: --tokenizer=char" in printed
+
+
+def test_sft_help_shows_values_and_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["sft", "--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "lilllm.sft" not in printed
+    assert f"--steps N fine-tuning steps, after the drill (default: {Finetune.steps})" in printed
+
+
 def test_cli_errors_are_one_line(small_data, tmp_path, capsys):
     assert cli_main(["train", "--steps=many"]) == 2
     assert capsys.readouterr().err.strip() == "error: --steps=many: expected int"
@@ -254,17 +328,25 @@ def test_cli_errors_are_one_line(small_data, tmp_path, capsys):
     assert "is missing" in capsys.readouterr().err
 
 
-def test_cli_bench_pretrain_runs_both_recipes(capsys, monkeypatch):
-    """The harness, shortened: two nanoGPT steps, then the default recipe for that time."""
+def test_cli_bench_pretrain_runs_both_recipes(capsys, monkeypatch, tmp_path):
+    """The harness, shortened: two nanoGPT steps, then the default recipe for that time; its
+    table written into a README."""
     monkeypatch.setitem(RECIPES, "tiny", {**RECIPES["tiny"], "model": {"block_size": 16, "d_model": 32,
                                                                        "n_layers": 1, "n_heads": 2}})
     monkeypatch.setitem(RECIPES, "nanogpt-cpu", {**RECIPES["nanogpt-cpu"], "model": {
         **RECIPES["nanogpt-cpu"]["model"], "d_model": 32, "n_layers": 1, "block_size": 16}})
-    assert cli_main(["bench", "pretrain", "--steps=2"]) == 0
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench pretrain -->\n<!-- /bench pretrain -->\n")
+    assert cli_main(["bench", "pretrain", "--steps=2", "--readme", str(readme)]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(line) == sorted(["nanogpt_cpu_bpb", "default_bpb", "nanogpt_cpu_bytes_s", "default_bytes_s",
                                    "default_mfu", "wall_s"])
     assert all(value > 0 for value in line.values())
+    assert round(line["default_bpb"], 4) == line["default_bpb"] and isinstance(line["default_bytes_s"], int)
+    table = readme.read_text()
+    assert f"Measured with `lilllm bench pretrain --steps=2 --readme {readme}` on " in table
+    assert f"| `tiny` (the default), same time | **{line['default_bpb']:.3f}** |" in table
+    assert json.dumps(line) in table
 
 
 # --- several processes ------------------------------------------------------------------------
@@ -306,6 +388,38 @@ def test_pretrained_checkpoint_trains_once_then_reuses_the_run(small_data, tmp_p
     assert course.pretrained_checkpoint() == path
     assert "training the tiny recipe once" in capsys.readouterr().out
     assert json.loads(load_checkpoint(path)["train_config"])["batch_size"] == 2
+
+
+def test_pretrained_checkpoint_reuses_the_recipes_own_run_only_when_it_is_the_same_run(small_data, tmp_path,
+                                                                                        monkeypatch, capsys):
+    import lilllm.course as course
+
+    runs, mine = tmp_path / "runs", tmp_path / "mine"  # mine: where `lilllm train tiny` writes
+    monkeypatch.setattr(course, "RUNS_DIR", runs)
+    monkeypatch.setitem(RECIPES, "tiny", {"data_dir": str(small_data), "out_dir": str(mine), "batch_size": 4, "model": {
+        "block_size": 16, "d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1}})
+
+    def trains_its_own() -> bool:
+        path = course.pretrained_checkpoint()
+        trained = "training the tiny recipe once" in capsys.readouterr().out
+        assert path == (runs / "pretrained-tiny-quick" / BEST if trained else mine / BEST)
+        shutil.rmtree(runs, ignore_errors=True)
+        return trained
+
+    with monkeypatch.context() as interrupting:
+        interrupt_at_batch(interrupting, 4)
+        train(make_config("tiny", course.QUICK_SETTINGS), progress=False)
+    assert trains_its_own()  # an interrupted run is not the recipe's model
+    train(make_config("tiny", course.QUICK_SETTINGS), resume=True, progress=False)
+    assert not trains_its_own()  # finished: the same run
+    saved = json.loads((mine / CONFIG_FILE).read_text())
+    (mine / CONFIG_FILE).write_text(json.dumps({**saved, "tokenizer_fingerprint": "another"}))
+    assert trains_its_own()  # another tokenizer
+    (mine / CONFIG_FILE).write_text(json.dumps({**saved, "processes": 2}))
+    assert trains_its_own()  # a larger global batch
+    (mine / CONFIG_FILE).write_text(json.dumps(saved))
+    RECIPES["tiny"]["batch_size"] = 2
+    assert trains_its_own()  # other settings
 
 
 # --- the shared training step --------------------------------------------------------------------
