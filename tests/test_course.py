@@ -15,8 +15,8 @@ def test_median_seconds_warms_up_then_measures_each_repeat():
 
 
 def test_machine_names_threads_and_torch():
-    line = machine()
-    assert f"{torch.get_num_threads()} threads" in line and torch.__version__ in line
+    line, threads = machine(), torch.get_num_threads()
+    assert f"{threads} thread{'s' if threads != 1 else ''}," in line and torch.__version__ in line
 
 
 def test_show_source_prints_a_part_under_its_path_and_lines(capsys):
