@@ -25,7 +25,7 @@ from lilllm.config import ModelConfig
 from lilllm.data import load_text, train_val_split
 from lilllm.layers.attention import cache_bytes
 from lilllm.model import GPT
-from lilllm.runtime import REPO_ROOT, machine, pick_device, shown, write_atomically
+from lilllm.runtime import REPO_ROOT, autocast_dtype, machine, pick_device, shown, write_atomically
 from lilllm.sampling import generate
 from lilllm.tokenizer import BPETokenizer, train_hf_bpe
 from lilllm.train import TrainConfig, make_config, train
@@ -77,7 +77,7 @@ def matmul_flops(device="cpu", size: int = 1024, seconds: float = 1.0) -> float:
     """This machine's matrix-multiply throughput in FLOP/s (fp32 on CPU, bf16 on CUDA): the
     ceiling that model FLOPs utilization (MFU) is measured against."""
     device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = autocast_dtype(device) or torch.float32
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up

@@ -42,9 +42,15 @@ def pick_device(name: str | torch.device | None = None) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype the course autocasts to on `device`: bf16 on CUDA; None (plain fp32) elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def autocast_context(device: torch.device):
     """bf16 autocast on CUDA (matmuls in bf16, reductions in fp32); fp32 everywhere else."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def write_atomically(path, content: bytes | str | Callable) -> Path:
