@@ -22,7 +22,9 @@ from lilllm import LilllmError
 ATTENTION_KINDS = ("softmax", "plga")  # softmax: scaled dot-product, n_kv_heads picks MHA/GQA/MQA; plga: ModelConfig.plga
 FFN_KINDS = ("swiglu", "gelu", "moe")  # moe: a mixture of SwiGLU experts, set by ModelConfig.moe
 NORM_KINDS = ("rmsnorm", "layernorm")
-POSITION_KINDS = ("rope", "learned", "sinusoidal")
+POSITION_KINDS = ("rope", "xpos", "learned", "sinusoidal")  # xpos: RoPE with a decay by distance (layers/rope.py)
+BLOCK_KINDS = ("sequential", "parallel")  # x + attn, then + ffn (Llama, GPT-2); or x + attn(n) + ffn(n) from one norm n (PaLM)
+QK_NORM_KINDS = ("none", "l2", "rms")  # normalise each query and key head vector before the scores (layers/attention.py)
 NORM_PLACEMENTS = ("pre", "post")  # normalise each branch's input (pre) or each residual sum (post)
 GRAM_KINDS = ("full", "causal")  # which queries PLGA's Gram sums: all of the sequence, or the prefix
 ROUTER_KINDS = ("softmax", "sigmoid")  # how a mixture-of-experts layer scores its experts
@@ -112,14 +114,20 @@ class ModelConfig:
     n_layers: int = 4  # decoder blocks
     n_heads: int = 4  # query heads; head_dim = d_model // n_heads
     n_kv_heads: int | None = 2  # key/value heads: n_heads → MHA, 1 → MQA, between → GQA; None: n_heads
+    head_dim: int | None = None  # each head's width; None: d_model // n_heads (PaLM's heads are wider)
     attention: str = "softmax"  # every layer's attention: softmax or plga (ATTENTION_KINDS)
     ffn: str = "swiglu"  # every layer's feed-forward: swiglu, gelu or moe (FFN_KINDS)
     ffn_hidden: int | None = None  # None: the feed-forward kind's own rule (layers/ffn.py)
     norm: str = "rmsnorm"  # rmsnorm or layernorm
     norm_eps: float = 1e-5  # added under the norm's square root
+    norm_bias: bool = True  # LayerNorm's added bias (PaLM has none); RMSNorm never has one
     norm_placement: str = "pre"  # pre: x + f(norm(x)), the default; post: norm(x + f(x)), PLDR-LLM's
-    positions: str = "rope"  # rope, learned or sinusoidal
+    block: str = "sequential"  # sequential or parallel (PaLM's: both branches read one norm)
+    positions: str = "rope"  # rope, xpos, learned or sinusoidal
     rope_base: float = 10000.0  # RoPE's θ: the slowest pair turns once in about 2π·θ positions
+    xpos_scale_base: float = 512.0  # xPos: a plane's scores shrink by its ζ (0.29 to 0.99) per this many positions
+    qk_norm: str = "none"  # none, l2 (unit length, learned gains, temperature qk_temperature) or rms
+    qk_temperature: float = 8.0  # qk_norm=l2: the scores are τ·cos(q, k)·gains, not q·k/√head_dim
     tie_embeddings: bool = True  # the output head reuses the token embedding matrix
     dropout: float = 0.0  # on attention weights and each sublayer's output, in training only
     bias: bool = False  # biases in the linear layers
@@ -130,6 +138,13 @@ class ModelConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.head_dim is None:  # the usual split of the width into heads
+            _check_positive_int("d_model", self.d_model)
+            _check_positive_int("n_heads", self.n_heads)
+            if self.d_model % self.n_heads:
+                raise ConfigError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}: choose n_heads so "
+                                  "that d_model // n_heads is a whole head size, or set head_dim")
+            self.head_dim = self.d_model // self.n_heads
         if isinstance(self.moe, dict):  # from JSON
             self.moe = _nested(MoEConfig, self.moe, "moe")
         if isinstance(self.plga, dict):
@@ -138,10 +153,6 @@ class ModelConfig:
             self.layers = [_layer_spec(entry, i) for i, entry in enumerate(self.layers)]
         self._validate()
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
     def layer(self, index: int) -> LayerSpec:
         """The attention and feed-forward kinds of layer `index`, overrides applied."""
         spec = self.layers[index] if self.layers is not None else LayerSpec()
@@ -149,13 +160,10 @@ class ModelConfig:
 
     def _validate(self):
         check_finite("", {field.name: getattr(self, field.name) for field in dataclasses.fields(self)})
-        for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "n_kv_heads"):
+        for name in ("vocab_size", "block_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
             _check_positive_int(name, getattr(self, name))
         if self.ffn_hidden is not None:
             _check_positive_int("ffn_hidden", self.ffn_hidden)
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}: "
-                              "choose n_heads so that d_model // n_heads is a whole head size")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}: "
                               "each key/value head must serve the same number of query heads")
@@ -163,15 +171,23 @@ class ModelConfig:
         _check_kind("ffn", self.ffn, FFN_KINDS)
         _check_kind("norm", self.norm, NORM_KINDS)
         _check_kind("positions", self.positions, POSITION_KINDS)
-        if self.positions == "rope" and self.head_dim % 2:
-            raise ConfigError(f"RoPE rotates pairs of coordinates, so head_dim (d_model // n_heads = "
-                              f"{self.head_dim}) must be even: change d_model or n_heads")
+        _check_kind("block", self.block, BLOCK_KINDS)
+        _check_kind("qk_norm", self.qk_norm, QK_NORM_KINDS)
+        if self.positions in ("rope", "xpos") and self.head_dim % 2:
+            raise ConfigError(f"{self.positions} rotates pairs of coordinates, so head_dim ({self.head_dim}) "
+                              "must be even: change d_model, n_heads or head_dim")
         if self.positions == "sinusoidal" and self.d_model % 2:
             raise ConfigError(f"sinusoidal positions pair sin and cos, so d_model={self.d_model} must be even")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
-        if not self.rope_base > 0:
-            raise ConfigError(f"rope_base must be positive, got {self.rope_base}")
+        for name in ("rope_base", "xpos_scale_base", "qk_temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.norm_bias and self.norm != "layernorm":
+            raise ConfigError(f"norm_bias=False removes LayerNorm's bias, but norm={self.norm!r} has none to remove")
+        if self.block == "parallel" and self.norm_placement == "post":
+            raise ConfigError("a parallel block normalises its input once, before both branches: it needs "
+                              "norm_placement='pre'")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout is a probability in [0, 1), got {self.dropout}")
         if self.layers is not None:
@@ -187,6 +203,9 @@ class ModelConfig:
         if self.plga is None and any(self.layer(i).attention == "plga" for i in range(self.n_layers)):
             raise ConfigError('an attention of kind "plga" needs its settings: pass plga={} (the v500 '
                               "learner) or plga={'a_dff': 64, 'n_units': 2, ...}")
+        if self.qk_norm != "none" and any(self.layer(i).attention == "plga" for i in range(self.n_layers)):
+            raise ConfigError(f"qk_norm={self.qk_norm!r} normalises softmax attention's queries and keys; "
+                              "PLGA layers compute their scores differently: use qk_norm='none' with plga")
         if self.moe is None and any(self.layer(i).ffn == "moe" for i in range(self.n_layers)):
             raise ConfigError('an ffn of kind "moe" needs its settings: pass moe={} (the defaults) or '
                               "moe={'n_experts': 8, 'top_k': 2, ...}")
@@ -244,6 +263,16 @@ PRESETS = {
                   "attention": "plga", "ffn_hidden": 2901, "norm": "layernorm", "norm_eps": 1e-6,
                   "norm_placement": "post", "tie_embeddings": False, "bias": True,
                   "plga": {"a_dff": 300, "a_dff_depth": 112}},
+    # PaLM (Chowdhery et al., arXiv 2204.02311) as the PaLM-rlhf-pytorch code the PaLM seed trains:
+    # parallel blocks, one key/value head (MQA), xPos, LayerNorm without bias, no linear biases,
+    # a tied head and a SwiGLU of hidden width 4·d_model (not the 8/3 rule): at the course size.
+    "palm": {"block": "parallel", "n_kv_heads": 1, "positions": "xpos", "norm": "layernorm", "norm_bias": False,
+             "ffn_hidden": 4 * 128},
+    # The seed's palm_150m_8k_v0: 12 layers of width 768, 8 heads of 128 (wider than 768 / 8),
+    # an 8k context; 144.8M weights at its 50,304-token vocabulary.
+    "palm-150m": {"block_size": 8192, "d_model": 768, "n_layers": 12, "n_heads": 8, "head_dim": 128, "n_kv_heads": 1,
+                  "block": "parallel", "positions": "xpos", "norm": "layernorm", "norm_bias": False,
+                  "ffn_hidden": 4 * 768},
     # The same architecture at the course default's size, for a CPU: 4 layers of width 128,
     # 4 heads of 32, a learner of 2 units, the default's tied head and SwiGLU width; the DAG
     # weights of the v500 "dagreg" recipe.

@@ -1,5 +1,6 @@
 """The decoder-only language model: token embedding (+ absolute positions, if any), a
-stack of pre-norm blocks, a final norm and an output head over the vocabulary.
+stack of blocks (sequential, or PaLM's parallel), a final norm and an output head over the
+vocabulary.
 
     from lilllm.model import GPT, ModelConfig
     model = GPT(ModelConfig.preset("default", vocab_size=2048))  # or "gpt2"
@@ -23,12 +24,12 @@ from lilllm.config import ModelConfig
 from lilllm.layers.attention import CausalSelfAttention, KVCache, LayerCache
 from lilllm.layers.ffn import GeluMLP, SwiGLU
 from lilllm.layers.moe import MoE
-from lilllm.layers.norm import NORMS
+from lilllm.layers.norm import NORMS, LayerNorm
 from lilllm.layers.plga import DeductiveOutputs, PLGAttention
-from lilllm.layers.rope import rope_angles, sinusoidal_positions
+from lilllm.layers.rope import rope_angles, sinusoidal_positions, xpos_scales
 from lilllm.layers.sublayer import Sublayer
 
-__all__ = ["GPT", "Block", "ModelConfig", "KVCache", "IGNORE_INDEX", "summed_cross_entropy"]
+__all__ = ["GPT", "Block", "ParallelBlock", "ModelConfig", "KVCache", "IGNORE_INDEX", "summed_cross_entropy"]
 
 # The kinds a config can name (config.py lists the names; a test keeps both in step):
 # each block builds ATTENTIONS[kind](config) and FFNS[kind](config).
@@ -48,6 +49,13 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def make_norm(config: ModelConfig) -> nn.Module:
+    """The config's norm over the model width; a LayerNorm keeps its bias unless norm_bias=False."""
+    if config.norm == "layernorm":
+        return LayerNorm(config.d_model, eps=config.norm_eps, bias=config.norm_bias)
+    return NORMS[config.norm](config.d_model, eps=config.norm_eps)
+
+
 class Block(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then + ffn(norm(x)). Normalising the
     input of each branch, not the sum, leaves a clean residual path from the embedding
@@ -57,17 +65,49 @@ class Block(nn.Module):
         super().__init__()
         kinds = config.layer(index)
         self.post_norm = config.norm_placement == "post"
-        self.attn_norm = NORMS[config.norm](config.d_model, eps=config.norm_eps)
+        self.attn_norm = make_norm(config)
         self.attn = ATTENTIONS[kinds.attention](config)
-        self.ffn_norm = NORMS[config.norm](config.d_model, eps=config.norm_eps)
+        self.ffn_norm = make_norm(config)
         self.ffn = FFNS[kinds.ffn](config)
 
-    def forward(self, x, cos=None, sin=None, cache: LayerCache | None = None):
+    def forward(self, x, cos=None, sin=None, cache: LayerCache | None = None, xpos_scale=None):
         if self.post_norm:  # the original Transformer's order, and PLDR-LLM's: normalise each sum
-            x = self.attn_norm(x + self.attn(x, cos, sin, cache))  # (B, T, C)
+            x = self.attn_norm(x + self.attn(x, cos, sin, cache, xpos_scale))  # (B, T, C)
             return self.ffn_norm(x + self.ffn(x))
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)  # (B, T, C)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, xpos_scale)  # (B, T, C)
         return x + self.ffn(self.ffn_norm(x))  # (B, T, C)
+
+
+class ParallelBlock(nn.Module):
+    """PaLM's block (Chowdhery et al., arXiv 2204.02311): y = x + attn(n) + ffn(n), n = norm(x).
+    Both branches read the same normalised input, so their input projections (attention's
+    q, k, v and the feed-forward's gate and up) are one matmul with the five matrices side by
+    side, [q | k | v | gate | up]. They stay separate parameters, so a checkpoint, a parameter
+    count or a per-layer mix sees the usual names; `fuse = False` runs them one by one (the
+    same numbers). Sublayers that cannot be split (a mixture of experts) always run unfused."""
+
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        kinds = config.layer(index)
+        self.norm = make_norm(config)
+        self.attn = ATTENTIONS[kinds.attention](config)
+        self.ffn = FFNS[kinds.ffn](config)
+        self.fuse = bool(self.attn.input_projections() and self.ffn.input_projections())
+
+    def forward(self, x, cos=None, sin=None, cache: LayerCache | None = None, xpos_scale=None):
+        n = self.norm(x)  # (B, T, C): read by both branches
+        if not self.fuse:
+            return x + self.attn(n, cos, sin, cache, xpos_scale) + self.ffn(n)
+        attn_in, ffn_in = self.attn.input_projections(), self.ffn.input_projections()
+        layers = attn_in + ffn_in
+        weight = torch.cat([layer.weight for layer in layers])  # (q + k + v + 2·hidden, C): one matrix
+        bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+        outputs = F.linear(n, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+        attn = self.attn.attend(*outputs[:len(attn_in)], cos, sin, cache, xpos_scale)  # (B, T, C)
+        return x + attn + self.ffn.from_projections(*outputs[len(attn_in):])
+
+
+BLOCKS = {"sequential": Block, "parallel": ParallelBlock}
 
 
 class GPT(nn.Module):
@@ -80,13 +120,15 @@ class GPT(nn.Module):
         elif config.positions == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_positions(config.block_size, config.d_model),
                                  persistent=False)
-        else:  # rope: fixed tables, rebuilt on load, so not saved with the weights
+        else:  # rope or xpos: fixed tables, rebuilt on load, so not saved with the weights
             cos, sin = rope_angles(config.head_dim, config.block_size, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            if config.positions == "xpos":
+                self.register_buffer("xpos_scale", self._xpos_scales(0, config.block_size), persistent=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = NORMS[config.norm](config.d_model, eps=config.norm_eps)
+        self.blocks = nn.ModuleList(BLOCKS[config.block](config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:  # one matrix both reads tokens in and scores them out
             self.head.weight = self.tok_emb.weight
@@ -126,9 +168,9 @@ class GPT(nn.Module):
                               "encode the text with the tokenizer the model was trained with")
         start = cache.position if cache is not None else 0
         x = self.tok_emb(ids)  # (B, T, C)
-        cos = sin = None
-        if self.config.positions == "rope":
-            cos, sin = self._rope(start, T)  # (T, head_dim) each
+        cos = sin = xpos_scale = None
+        if self.config.positions in ("rope", "xpos"):
+            cos, sin, xpos_scale = self._rotary(start, T)  # (T, head_dim) each; xpos_scale None for rope
         else:
             if start + T > self.config.block_size:
                 raise LilllmError(f"positions {start}..{start + T - 1} pass block_size={self.config.block_size}, "
@@ -143,7 +185,7 @@ class GPT(nn.Module):
             x = self.norm(x)
         layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
         for block, layer_cache in zip(self.blocks, layer_caches):
-            x = block(x, cos, sin, layer_cache)  # (B, T, C)
+            x = block(x, cos, sin, layer_cache, xpos_scale)  # (B, T, C)
         if cache is not None:
             cache.position += T
         logits = self.head(x if self.config.norm_placement == "post" else self.norm(x))  # (B, T, vocab_size)
@@ -191,14 +233,24 @@ class GPT(nn.Module):
         n_weights = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("pos_emb."))
         return 6 * n_weights + 12 * c.n_layers * c.d_model * c.block_size
 
-    def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE angles for positions start .. start+T-1. Past block_size (generation with a
-        cropped cache) they are computed on the fly: RoPE has no last position."""
+    def _rotary(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """RoPE angles (and xPos scales) for positions start .. start+T-1. Past block_size
+        (generation with a cropped cache) they are computed on the fly: neither has a last position."""
         cos, sin = self.rope_cos, self.rope_sin
         if start + T > cos.size(0):
             cos, sin = rope_angles(self.config.head_dim, start + T, self.config.rope_base)
             cos, sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
-        return cos[start:start + T], sin[start:start + T]
+        if self.config.positions != "xpos":
+            return cos[start:start + T], sin[start:start + T], None
+        scale = self.xpos_scale[start:start + T] if start + T <= self.xpos_scale.size(0) else \
+            self._xpos_scales(start, T).to(self.xpos_scale.device)
+        return cos[start:start + T], sin[start:start + T], scale
+
+    def _xpos_scales(self, start: int, T: int) -> torch.Tensor:
+        """xPos scales centred on the middle of the context, block_size // 2: any fixed centre
+        gives the same scores (it cancels), and this one keeps the exponents within ±0.5·block/scale_base."""
+        c = self.config
+        return xpos_scales(c.head_dim, start, T, centre=c.block_size // 2, scale_base=c.xpos_scale_base)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable parameters by component; a tied head counts once, under embedding."""

@@ -31,12 +31,14 @@ from lilllm.checkpoint import check_resumable, load_checkpoint, load_model, save
 from lilllm.config import ModelConfig, check_finite
 from lilllm.data import PreparedData, get_batch, load_prepared, prepared_dataset
 from lilllm.model import GPT, summed_cross_entropy
+from lilllm.optim import StableAdamW
 from lilllm.progress import METRICS, Progress, append_metrics, plot_metrics, read_metrics, start_banner
 from lilllm.runtime import (StopOnInterrupt, autocast_context, distributed, from_rank0, mean_over_processes, pick_device,
                             repo_path, shown, write_atomically)
 from lilllm.settings import make_settings, settings_from_dict
 
 LAST, BEST, PLOT, CONFIG_FILE = "last.pt", "best.pt", "loss.png", "config.json"  # in the run's out_dir
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "stable_adamw": StableAdamW}
 
 
 @dataclass
@@ -63,6 +65,7 @@ class TrainConfig:
     lr: float = 2e-3  # the peak learning rate, reached after warmup
     min_lr: float = 2e-4  # the floor the cosine decays to
     warmup: int = 100  # steps of linear warmup
+    optimizer: str = "adamw"  # adamw, or stable_adamw (AdamW that slows a tensor's step on a gradient spike)
     weight_decay: float = 0.1  # AdamW's, on matrices only
     beta1: float = 0.9  # AdamW's decay of the gradient's running mean
     beta2: float = 0.99  # AdamW's decay of the squared gradient's running mean
@@ -91,6 +94,7 @@ class TrainConfig:
             (self.warmup >= 0 and self.weight_decay >= 0, "warmup and weight_decay must be >= 0"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas ({self.beta1}, {self.beta2}) must lie in [0, 1)"),
             (self.clip in ("norm", "value", "none"), f"clip={self.clip!r}: use norm, value or none"),
+            (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}: use {' or '.join(OPTIMIZERS)}"),
             (self.grad_clip > 0, f"grad_clip={self.grad_clip} must be positive"),
             (self.eval_interval >= 0 and self.log_interval > 0 and self.eval_batch_size > 0,
              "eval_interval must be >= 0, log_interval and eval_batch_size > 0"),
@@ -153,15 +157,15 @@ def learning_rate(step: int, config: TrainConfig, progress: float | None = None)
     return config.min_lr + cosine * (config.lr - config.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on the matrices (linear weights, embeddings) only: decaying
-    norm gains and biases towards zero would only fight the normalisation."""
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or Stable AdamW) with weight decay on the matrices (linear weights, embeddings)
+    only: decaying norm gains and biases towards zero would only fight the normalisation."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied matrix is listed once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
+    return OPTIMIZERS[config.optimizer](groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
 
 
 def clip_gradients(model: torch.nn.Module, config: TrainConfig) -> float:

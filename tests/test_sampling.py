@@ -121,6 +121,8 @@ KINDS = {
     "mha": {"n_kv_heads": 4}, "gqa": {"n_kv_heads": 2}, "mqa": {"n_kv_heads": 1},
     "learned": {"n_kv_heads": 2, "positions": "learned", "norm": "layernorm", "ffn": "gelu"},
     "sinusoidal": {"n_kv_heads": 4, "positions": "sinusoidal"},
+    "palm": {"n_kv_heads": 1, "block": "parallel", "positions": "xpos", "norm": "layernorm", "norm_bias": False,
+             "qk_norm": "l2"},
 }
 SETTINGS = {"greedy": {"temperature": 0.0}, "seeded": {"temperature": 0.9, "top_k": 20, "top_p": 0.95, "seed": 7}}
 
@@ -145,11 +147,12 @@ def test_absolute_positions_past_the_context_recompute_the_window(kind):
         assert len(cached) == 50 and cached == generate(model, [2, 7], 50, use_cache=False, **setting)
 
 
-def test_rope_rolling_window_equals_recomputing_with_one_layer():
-    """With one layer, cached keys depend only on their token and position, and RoPE scores only
-    on distances: the rolling window then sees exactly what recomputing the last block_size
-    tokens sees (with more layers the cached keys remember an older context)."""
-    model = small_model(n_layers=1, n_kv_heads=2)
+@pytest.mark.parametrize("positions", ["rope", "xpos"])
+def test_rope_rolling_window_equals_recomputing_with_one_layer(positions):
+    """With one layer, cached keys depend only on their token and position, and RoPE (and xPos)
+    scores only on distances: the rolling window then sees exactly what recomputing the last
+    block_size tokens sees (with more layers the cached keys remember an older context)."""
+    model = small_model(n_layers=1, n_kv_heads=2, positions=positions)
     for setting in SETTINGS.values():
         cached = generate(model, [5, 9, 2], 60, **setting)
         assert cached == generate(model, [5, 9, 2], 60, use_cache=False, **setting)

@@ -21,7 +21,7 @@ from lilllm import LilllmError
 from lilllm.cli import main as cli_main
 from lilllm.config import ModelConfig
 from lilllm.checkpoint import load_checkpoint
-from lilllm.model import GPT
+from lilllm.model import GPT, ParallelBlock
 from lilllm.runtime import REPO_ROOT
 from lilllm.tokenizer import CharTokenizer
 from lilllm.progress import read_metrics
@@ -189,6 +189,25 @@ def test_resume_continues_the_same_curve_bit_for_bit(small_data, tmp_path, monke
         assert torch.equal(a, b)
 
 
+def test_palm_options_and_stable_adamw_train_resume_and_sample(small_data, tmp_path, monkeypatch, capsys):
+    palm = ["--model.block=parallel", "--model.positions=xpos", "--model.qk_norm=l2", "--model.norm=layernorm",
+            "--model.norm_bias=false", "--optimizer=stable_adamw"]
+    straight = train(small_config(small_data, tmp_path / "straight", *palm), progress=False)
+    interrupt_at_batch(monkeypatch, 4)
+    train(small_config(small_data, tmp_path / "split", *palm), progress=False)
+    monkeypatch.undo()
+    resumed = train(small_config(small_data, tmp_path / "split", *palm), resume=True, progress=False)
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+    assert isinstance(resumed.model.blocks[0], ParallelBlock) and resumed.model.config.positions == "xpos"
+    assert type(make_optimizer(resumed.model, small_config(small_data, tmp_path, *palm))).__name__ == "StableAdamW"
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    capsys.readouterr()
+    assert cli_main(["sample", str(tmp_path / "split" / LAST), "--prompt", "ROMEO:", "--max-new-tokens", "40"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("ROMEO:") and len(printed) > len("ROMEO:\n")
+
+
 def test_resuming_a_finished_run_says_so_and_writes_nothing(small_data, tmp_path, capsys):
     train(small_config(small_data, tmp_path), progress=False)
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
@@ -211,7 +230,7 @@ def test_an_existing_run_is_not_overwritten(small_data, tmp_path):
 
 def test_resume_refuses_another_model_recipe_or_tokenizer(small_data, tmp_path):
     train(small_config(small_data, tmp_path), progress=False)
-    with pytest.raises(LilllmError, match=r"another model config \(d_model differ\)"):
+    with pytest.raises(LilllmError, match=r"another model config \(d_model, head_dim differ\)"):
         train(small_config(small_data, tmp_path, "--model.d_model=64"), resume=True, progress=False)
     with pytest.raises(LilllmError, match=r"other settings \(lr differ\)"):
         train(small_config(small_data, tmp_path, "--lr=1e-2"), resume=True, progress=False)

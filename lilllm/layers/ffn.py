@@ -7,7 +7,8 @@
   about the same.
 
 Both read the config the same way, so the model builds either with `FFNS[kind](config)`
-(model.py).
+(model.py). Each runs in two halves, the input projections and `from_projections`, so a
+parallel block can compute its input projections together with attention's.
 The last projection of each is named `down`: it writes into the residual stream, and the
 model gives it a smaller initialisation (see model.py).
 """
@@ -43,8 +44,14 @@ class GeluMLP(Sublayer):
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
+    def input_projections(self) -> list[nn.Linear]:
+        return [self.up]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))  # (B, T, C) → (B, T, H) → (B, T, C)
+        return self.from_projections(self.up(x))  # (B, T, C) → (B, T, H) → (B, T, C)
+
+    def from_projections(self, up: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(up)))  # (B, T, H) → (B, T, C)
 
 
 class SwiGLU(Sublayer):
@@ -56,7 +63,13 @@ class SwiGLU(Sublayer):
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
+    def input_projections(self) -> list[nn.Linear]:
+        return [self.gate, self.up]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, T, C) → two (B, T, H) projections; the gate decides, per hidden unit, how much passes
-        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))  # (B, T, C)
+        return self.from_projections(self.gate(x), self.up(x))  # (B, T, C) → two (B, T, H) → (B, T, C)
+
+    def from_projections(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # the gate decides, per hidden unit, how much of `up` passes
+        return self.dropout(self.down(F.silu(gate) * up))  # (B, T, H) → (B, T, C)
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from lilllm.config import ModelConfig
 from lilllm.layers.attention import LayerCache, causal_mask, sdpa_attention
 from lilllm.layers.norm import LayerNorm
-from lilllm.layers.rope import apply_rope
+from lilllm.layers.rope import rotate_queries_keys
 from lilllm.layers.sublayer import Sublayer
 
 LEARNER_EPS = 1e-6  # the reference's LayerNorm eps inside the metric learner
@@ -183,14 +183,14 @@ class PLGAttention(Sublayer):
         return DeductiveOutputs(A, A_LM, A_P, G_LM)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                cache: PLGACache | None = None) -> torch.Tensor:
+                cache: PLGACache | None = None, xpos_scale: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, C) → (B, T, C), as CausalSelfAttention (cos/sin: RoPE angles of x's positions)."""
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, dk)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, dk)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, dk)
         if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = rotate_queries_keys(q, k, cos, sin, xpos_scale)
         frozen = cache is not None and not self.causal_gram and cache.deduced is not None
         deduced = cache.deduced if frozen else self.deduce(q, cache)
         if cache is not None:

@@ -1,10 +1,15 @@
 """Positions: the fixed sinusoidal table of "Attention Is All You Need" (Vaswani et al.,
-arXiv 1706.03762) and rotary position embeddings, RoPE (Su et al., RoFormer, arXiv
-2104.09864).
+arXiv 1706.03762), rotary position embeddings, RoPE (Su et al., RoFormer, arXiv
+2104.09864), and xPos (Sun et al., "A Length-Extrapolatable Transformer", arXiv 2212.10554).
 
 RoPE rotates each query and key vector by an angle proportional to its position, in d/2
 independent 2-D planes, each with its own frequency θ_i = base^(−2i/d). The score of a
 rotated pair then depends only on how far apart the two positions are.
+
+xPos is RoPE plus a scale: at position t, plane i of a query is multiplied by
+ζ_i^((t − c)/s) and the same plane of a key divided by it, so the score of positions m ≥ j
+gains the factor ζ_i^((m − j)/s) ≤ 1: a decay with distance, strongest on the fastest
+planes. The centre c cancels; it only keeps the exponents small.
 
 Layout: half-split (GPT-NeoX, Hugging Face Llama): plane i pairs coordinates i and
 i + d/2, so the tables repeat the frequencies as [θ0 .. θ_{d/2−1}, θ0 .. θ_{d/2−1}].
@@ -41,8 +46,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, n_heads, T, head_dim) by the angles of its T positions.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate x (B, n_heads, T, head_dim) by the angles of its T positions (and multiply it
+    by `scale`, xPos's (T, head_dim) rows, if given).
 
     `cos` and `sin` are (T, head_dim) rows of `rope_angles`, already sliced to the
     positions of x: `cos[:T]` for a whole sequence, `cos[start:start + T]` for T new
@@ -59,7 +65,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         raise LilllmError(f"the angle table slice has {cos.shape[0]} rows but x has {T} positions: "
                           "pass cos[start:start + T] and sin[start:start + T]")
     x32 = x.float()
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)  # (B, n_heads, T, head_dim)
+    rotated = x32 * cos + rotate_half(x32) * sin  # (B, n_heads, T, head_dim)
+    return (rotated if scale is None else rotated * scale).to(x.dtype)
+
+
+XPOS_GAMMA = 0.4  # ζ_i = (i/(d/2) + γ) / (1 + γ): from 0.29 on the fastest plane to nearly 1 on the slowest
+
+
+def xpos_scales(head_dim: int, start: int, n_positions: int, centre: int, scale_base: float = 512.0) -> torch.Tensor:
+    """xPos's σ(t) = ζ^((t − centre)/scale_base) for positions start .. start+n_positions-1,
+    (n_positions, head_dim) in the half-split layout of `rope_angles`, fp32."""
+    _check_positive_even("head_dim", head_dim)
+    half = head_dim // 2
+    cpu = dict(dtype=torch.float32, device="cpu")  # built on the CPU (checked there), moved by the caller
+    zeta = (torch.arange(half, **cpu) / half + XPOS_GAMMA) / (1 + XPOS_GAMMA)  # (d/2,)
+    power = (torch.arange(start, start + n_positions, **cpu) - centre) / scale_base  # (T,)
+    scale = zeta ** power[:, None]  # (T, d/2)
+    if not (torch.isfinite(scale) & torch.isfinite(scale.reciprocal())).all():  # keys are divided by σ
+        raise LilllmError(f"xPos scales for positions up to {start + n_positions - 1} leave fp32's range: "
+                          "restart generation from a fresh cache")
+    return torch.cat([scale, scale], dim=-1)  # (T, d)
+
+
+def rotate_queries_keys(q, k, cos, sin, xpos_scale=None):
+    """RoPE on queries and keys; with xPos scales σ, the queries are multiplied by σ and the
+    keys divided by it (so a score depends on the two positions' distance only)."""
+    if xpos_scale is None:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin, xpos_scale), apply_rope(k, cos, sin, xpos_scale.reciprocal())
 
 
 def sinusoidal_positions(max_seq_len: int, dim: int) -> torch.Tensor:

@@ -5,7 +5,8 @@ need more from training than a gradient: a mixture of experts adds a balance los
 how evenly its experts were loaded, and moves its routing bias after each optimizer step;
 PLGA adds DAG terms to the loss. Each such need is a method here that does nothing by
 default. A layer overrides the ones it uses, and the model calls them on every sublayer
-(`GPT.auxiliary_loss`, `GPT.layer_metrics`, `GPT.after_optimizer_step`).
+(`GPT.auxiliary_loss`, `GPT.layer_metrics`, `GPT.after_optimizer_step`). A parallel block
+asks both of its sublayers for their `input_projections` to fuse them into one matmul.
 """
 
 import torch
@@ -13,6 +14,11 @@ import torch.nn as nn
 
 
 class Sublayer(nn.Module):
+    def input_projections(self) -> list[nn.Linear]:
+        """The linear layers that read the input, if the rest of the layer can run from their
+        outputs alone; empty (the default) means "cannot be fused"."""
+        return []
+
     def auxiliary_losses(self) -> dict[str, torch.Tensor]:
         """Extra loss terms of the last training forward pass, already weighted, by name."""
         return {}

@@ -1,0 +1,90 @@
+"""StableAdamW: AdamW that slows down, one tensor at a time, when a gradient arrives that its
+second-moment estimate did not see coming (Wortsman et al., "Stable and low-precision training
+for large-scale vision-language models", arXiv 2304.13013).
+
+Adam divides each gradient by sqrt(v), a running average of past squared gradients. With
+β2 = 0.99 or more, v remembers a long past and moves slowly; if the gradient suddenly grows
+(a loss spike, an embedding row that was rare until now), g / sqrt(v) becomes large, the step
+is far bigger than the ones before it, and training can diverge. The paper measures how
+surprising the gradient is with one number per parameter tensor,
+
+    rms = sqrt(mean(g² / v̂))        (v̂ already includes this step's g²),
+
+which is about 1 while gradients are steady, and divides that tensor's learning rate by
+rms / clip_threshold whenever it is above 1: the tensor takes a smaller step, the others carry
+on. With clip_threshold=math.inf nothing is ever cut and this is exactly AdamW.
+
+Weight decay is decoupled, as in AdamW, and uses the cut rate: θ ← θ·(1 − η·λ). That follows
+the authors' own code; another published implementation decays with the uncut lr. The two
+differ only on steps that are cut, and both are AdamW when nothing is.
+"""
+
+import torch
+
+
+class StableAdamW(torch.optim.Optimizer):
+    """AdamW with a per-tensor learning rate lr / max(1, rms / clip_threshold) (see the
+    module docstring). Param groups may set any argument; `lr` is read from each group at
+    every step, so a schedule that writes group["lr"] works as it does with AdamW."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
+                 eps: float = 1e-8, weight_decay: float = 0.0, clip_threshold: float = 1.0):
+        # `not x > 0` rather than `x <= 0`, so that NaN is refused too.
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not all(0 <= beta < 1 for beta in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be zero or positive, got {weight_decay}")
+        if not clip_threshold > 0:
+            raise ValueError(f"clip_threshold must be positive (math.inf: never cut), got {clip_threshold}")
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "clip_threshold": clip_threshold}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient. `closure`, if given, recomputes
+        the loss (with gradients on) and its value is returned, as with torch's optimizers."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps = group["lr"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # frozen, or not reached by this loss: no update, no decay
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError("StableAdamW does not support sparse gradients")
+
+                state = self.state[p]
+                if not state:
+                    # Each tensor counts its own steps, like torch's AdamW: one that first
+                    # gets a gradient late starts its bias correction at t = 1, not at the
+                    # global step, so its first moments are not under-corrected.
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)  # m, same shape as p
+                    state["exp_avg_sq"] = torch.zeros_like(p)  # v, same shape as p
+                state["step"] += 1
+                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+
+                m.lerp_(g, 1 - beta1)  # m = β1·m + (1−β1)·g
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = β2·v + (1−β2)·g²
+                m_hat = m / (1 - beta1**t)  # bias corrections: m and v start at zero
+                v_hat = v / (1 - beta2**t)
+
+                # One scalar per tensor, kept as a 0-d tensor: `.item()` would make the CPU
+                # wait for the GPU at every parameter. The floor eps² keeps entries whose
+                # gradient has always been zero from dividing by zero.
+                rms = (g.square() / v_hat.clamp_min(eps**2)).mean().sqrt()  # ()
+                eta = lr / (rms / group["clip_threshold"]).clamp_min(1.0)  # () the cut rate
+
+                p.mul_(1 - eta * group["weight_decay"])  # decoupled decay, at the cut rate
+                p.sub_(eta * m_hat / (v_hat.sqrt() + eps))
+        return loss
