@@ -112,7 +112,7 @@ class ModelConfig:
     block_size: int = 256  # context length: the most positions the model is trained on
     d_model: int = 128  # width of the residual stream, C
     n_layers: int = 4  # decoder blocks
-    n_heads: int = 4  # query heads; head_dim = d_model // n_heads
+    n_heads: int = 4  # query heads, each head_dim wide
     n_kv_heads: int | None = 2  # key/value heads: n_heads → MHA, 1 → MQA, between → GQA; None: n_heads
     head_dim: int | None = None  # each head's width; None: d_model // n_heads (PaLM's heads are wider)
     attention: str = "softmax"  # every layer's attention: softmax or plga (ATTENTION_KINDS)

@@ -193,6 +193,8 @@ CURRICULUM = (
     Chapter("08_pretraining", "the training loop, checkpoints, bits per byte", ("lilllm.settings", "lilllm.progress", "lilllm.train", "lilllm.checkpoint")),
     Chapter("09_sft", "chat template, assistant-only loss, fine-tuning", ("lilllm.chat", "lilllm.sft", "lilllm.next_speaker")),
     Chapter("10_sampling", "greedy, temperature, top-k, top-p, KV-cache generation", ("lilllm.sampling", "lilllm.bench")),
+    Chapter("11_palm", "PaLM's parallel block, xPos, QK-norm, Stable AdamW; three equal-time experiments",
+            ("lilllm.optim",)),
 )
 
 
