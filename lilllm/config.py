@@ -23,6 +23,7 @@ ATTENTION_KINDS = ("softmax", "plga")  # softmax: scaled dot-product, n_kv_heads
 FFN_KINDS = ("swiglu", "gelu", "moe")  # moe: a mixture of SwiGLU experts, set by ModelConfig.moe
 NORM_KINDS = ("rmsnorm", "layernorm")
 POSITION_KINDS = ("rope", "xpos", "learned", "sinusoidal")  # xpos: RoPE with a decay by distance (layers/rope.py)
+ROTARY_POSITIONS = ("rope", "xpos")  # positions that rotate q and k: no table, so no last position
 BLOCK_KINDS = ("sequential", "parallel")  # x + attn, then + ffn (Llama, GPT-2); or x + attn(n) + ffn(n) from one norm n (PaLM)
 QK_NORM_KINDS = ("none", "l2", "rms")  # normalise each query and key head vector before the scores (layers/attention.py)
 NORM_PLACEMENTS = ("pre", "post")  # normalise each branch's input (pre) or each residual sum (post)
@@ -153,6 +154,12 @@ class ModelConfig:
             self.layers = [_layer_spec(entry, i) for i, entry in enumerate(self.layers)]
         self._validate()
 
+    @property
+    def rotary(self) -> bool:
+        """Whether positions enter by rotating queries and keys (RoPE, xPos), not by a table added
+        to the embeddings: such a model has no last position."""
+        return self.positions in ROTARY_POSITIONS
+
     def layer(self, index: int) -> LayerSpec:
         """The attention and feed-forward kinds of layer `index`, overrides applied."""
         spec = self.layers[index] if self.layers is not None else LayerSpec()
@@ -173,7 +180,7 @@ class ModelConfig:
         _check_kind("positions", self.positions, POSITION_KINDS)
         _check_kind("block", self.block, BLOCK_KINDS)
         _check_kind("qk_norm", self.qk_norm, QK_NORM_KINDS)
-        if self.positions in ("rope", "xpos") and self.head_dim % 2:
+        if self.rotary and self.head_dim % 2:
             raise ConfigError(f"{self.positions} rotates pairs of coordinates, so head_dim ({self.head_dim}) "
                               "must be even: change d_model, n_heads or head_dim")
         if self.positions == "sinusoidal" and self.d_model % 2:

@@ -169,7 +169,7 @@ class GPT(nn.Module):
         start = cache.position if cache is not None else 0
         x = self.tok_emb(ids)  # (B, T, C)
         cos = sin = xpos_scale = None
-        if self.config.positions in ("rope", "xpos"):
+        if self.config.rotary:
             cos, sin, xpos_scale = self._rotary(start, T)  # (T, head_dim) each; xpos_scale None for rope
         else:
             if start + T > self.config.block_size:

@@ -140,7 +140,7 @@ def generate_tokens(model: GPT, prompt_ids, max_new_tokens: int, *, temperature:
 @torch.no_grad()
 def _generate(model, ids, max_new_tokens, sampling, stop_ids, generator, use_cache, device) -> Iterator[int]:
     block_size = model.config.block_size
-    rolling = model.config.positions in ("rope", "xpos")  # rotary positions have no last position
+    rolling = model.config.rotary  # rotary positions have no last position
     cache = None
 
     def logits_of(new_ids, cache=None):
