@@ -177,7 +177,7 @@ def cmd_sft(args) -> int:
     from lilllm.course import pretrained_checkpoint
     from lilllm.next_speaker import chat_dataset
     from lilllm.runtime import shown
-    from lilllm.sft import COPY_STEPS, copy_drill_checkpoint, finetune
+    from lilllm.sft import COPY_STEPS, check_finetune, copy_drill_checkpoint, finetune
 
     init = args.init or pretrained_checkpoint()  # a finished run of the tiny recipe, such as runs/tiny
     print(f"starting from {shown(init)}", flush=True)
@@ -188,11 +188,12 @@ def cmd_sft(args) -> int:
     for path in (train_file, val_file):
         if path is not None:
             load_conversations(path)  # a missing or malformed file fails now, not after the drill
+    changes = {name: getattr(args, name) for name in ("steps", "batch_size", "lr", "loss_on", "lora_rank", "lora_alpha",
+                                                      "lora_targets") if getattr(args, name) is not None}
+    check_finetune(init, **changes)  # so do bad settings (a LoRA target the model lacks)
     copy_steps = COPY_STEPS if args.copy_steps is None else args.copy_steps
     if copy_steps > 0:  # drilled once per starting checkpoint and settings, then reused (--copy-steps 0 skips it)
         init = copy_drill_checkpoint(init, steps=copy_steps, device=args.device)
-    changes = {name: getattr(args, name) for name in ("steps", "batch_size", "lr", "loss_on")
-               if getattr(args, name) is not None}
     result = finetune(init, train_file, val_file, out_dir=args.out, device=args.device, **changes)
     print(f"wrote {result.checkpoint}; talk to it with: lilllm chat {result.checkpoint} --temperature 0")
     return 0
@@ -287,6 +288,14 @@ def _add_training_commands(commands) -> None:
     sft.add_argument("--lr", type=float, metavar="RATE", help=f"peak learning rate (default: {Finetune.lr})")
     sft.add_argument("--loss-on", choices=("assistant", "all"),
                      help=f"assistant: the SFT loss; all: every token, an ablation (default: {Finetune.loss_on})")
+    sft.add_argument("--lora-rank", type=int, metavar="R", help="train only rank-R LoRA adapters, the model frozen; "
+                                                              "out/adapter.pt keeps them, out/last.pt has them merged "
+                                                              "(default: full fine-tuning)")
+    sft.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA's alpha: the adapters' output is scaled by A/R "
+                                                                 "(default: R, a scale of 1)")
+    sft.add_argument("--lora-targets", metavar="NAMES", help="the projections LoRA adapts, comma-separated, among "
+                                                             "q_proj, k_proj, v_proj, out_proj, gate, up, down "
+                                                             f"(default: {Finetune.lora_targets})")
     sft.add_argument("--out", default="runs/sft", metavar="DIR", help="output folder, overwritten (default: runs/sft)")
     sft.add_argument("--device", help=DEVICE_HELP)
     sft.set_defaults(run=cmd_sft)

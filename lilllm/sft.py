@@ -22,7 +22,10 @@
 5. Evaluation: exact-match accuracy of greedy answers, generated with `lilllm.sampling`, or
    per item in one forward pass (`greedy_hits`); two models compared on the same items with a
    paired bootstrap and a sign-flip test (`paired_difference`).
-6. A run is reused when asked (`reuse=True`): out_dir keeps the key it was trained for (the
+6. LoRA (`lora_rank` > 0): only low-rank adapters on the chosen projections are trained
+   (`lilllm.layers.lora`). out_dir/adapter.pt keeps them alone, a small file; last.pt holds the
+   model with them folded into its weights, an ordinary checkpoint.
+7. A run is reused when asked (`reuse=True`): out_dir keeps the key it was trained for (the
    starting checkpoint's and the data's sha256, the settings), and an equal key loads it.
 """
 
@@ -46,6 +49,7 @@ from lilllm.chat import (
 from lilllm.checkpoint import load_model, save_checkpoint
 from lilllm.config import check_keys
 from lilllm.data import get_batch
+from lilllm.layers.lora import add_lora, lora_parameter_count, lora_state_dict, merge_lora
 from lilllm.model import GPT, IGNORE_INDEX, summed_cross_entropy
 from lilllm.progress import read_metrics
 from lilllm.runtime import (
@@ -69,6 +73,7 @@ from lilllm.train import (
 
 RECIPE = 1  # bumped when a drill or fine-tuning with the same settings would come out different
 KEY_FILE = "run_key.json"  # what a finished run in out_dir was trained for
+ADAPTER = "adapter.pt"  # a LoRA run's adapters alone
 DRILL_ROOT = REPO_ROOT / "runs"  # where copy_drill_checkpoint caches drilled models
 
 # --- training pairs ---------------------------------------------------------------------------
@@ -126,11 +131,12 @@ class SFTResult:
 
 
 def _fit(model: GPT, tokenizer: Tokenizer, state: dict, settings: dict, draw_batch, evaluate, out_dir, log,
-         extra: dict) -> SFTResult:
+         extra: dict, finish=None) -> SFTResult:
     """Train `model` (loaded from the checkpoint `state`) with the pretrained run's settings
     updated with `settings`: one `train_step` per batch that `draw_batch(generator)` gives.
     `evaluate()`: a dict of measurements (or None) at step 0 and every eval_interval steps.
-    Writes out_dir/last.pt (with `extra` in it) and out_dir/metrics.jsonl."""
+    `finish(model)`, if given, runs before the model is saved. Writes out_dir/last.pt (with
+    `extra` in it) and out_dir/metrics.jsonl."""
     # The checkpoint stays a lilllm checkpoint that `lilllm chat` and `lilllm eval` load like any other.
     config = config_from_dict({**json.loads(state["train_config"]), "out_dir": str(out_dir), "time_budget": None,
                                "grad_accum": 1, **settings})
@@ -148,15 +154,19 @@ def _fit(model: GPT, tokenizer: Tokenizer, state: dict, settings: dict, draw_bat
 
     model.train()
     evaluate_at(0)
-    start = time.perf_counter()
+    start, train_time = time.perf_counter(), 0.0  # train_time: seconds in training steps, evaluations left out
     for step in range(1, config.steps + 1):
+        step_start = time.perf_counter()
         x, y = (t.to(device) for t in draw_batch(generator))  # (B, T) each
         metrics = train_step(model, optimizer, [(x, y)], learning_rate(step - 1, config), config, step - 1)
-        records.append({"step": step, "split": "train", "loss": metrics["loss"]})
+        train_time += time.perf_counter() - step_start
+        records.append({"step": step, "split": "train", "loss": metrics["loss"], "time_s": train_time})
         if step % config.eval_interval == 0 or step == config.steps:
             shown = evaluate_at(step)
             log(f"step {step:>5} of {config.steps} | loss {metrics['loss']:.3f}{shown} | "
                 f"{time.perf_counter() - start:.0f} s")
+    if finish is not None:
+        finish(model)
     checkpoint = save_checkpoint(out / LAST, model, tokenizer, step=config.steps,
                                  train_config=json.dumps(config.to_dict()), **extra)
     write_atomically(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
@@ -328,6 +338,15 @@ class Finetune:
     eval_interval: int = 50
     eval_conversations: int = 128  # val conversations for the val loss, spread over the split
     seed: int = 0
+    lora_rank: int = 0  # 0: full fine-tuning; r > 0: train rank-r LoRA adapters only, the rest frozen
+    lora_alpha: float | None = None  # the adapters' scale is alpha / rank; None: alpha = rank, scale 1 (paper, peft)
+    lora_targets: str = "q_proj,v_proj"  # the projections to adapt, comma-separated: q and v, the paper's §7.1 finding
+
+    def __post_init__(self):
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise LilllmError(f"lora_rank={self.lora_rank!r}: use 0 for full fine-tuning, or a rank such as 8 for LoRA")
+        if not self.lora_rank and self.lora_alpha is not None:
+            raise LilllmError("lora_alpha is set but lora_rank is 0 (full fine-tuning): give a rank too")
 
 
 def finetune(init, train_file, val_file=None, *, out_dir="runs/sft", device: str | None = None, log=print,
@@ -337,13 +356,51 @@ def finetune(init, train_file, val_file=None, *, out_dir="runs/sft", device: str
     assistant's tokens (or on all, loss_on="all"). Every `eval_interval` steps the loss on the
     assistant tokens of `eval_conversations` spread over `val_file`. Writes out_dir/last.pt
     (naming the chat template) and out_dir/metrics.jsonl (`reuse`: see the module)."""
-    sft = _settings(Finetune, changes)
-    key = _run_key("finetune", init, asdict(sft), [f for f in (train_file, val_file) if f is not None])
+    sft = check_finetune(init, **changes)
+    # full fine-tuning keeps the key it had before LoRA came, so its finished runs are still reused
+    settings = asdict(sft) if sft.lora_rank else {k: v for k, v in asdict(sft).items() if not k.startswith("lora_")}
+    key = _run_key("finetune", init, settings, [f for f in (train_file, val_file) if f is not None])
     return _keyed(out_dir, key, reuse, device, lambda: _finetune(init, train_file, val_file, sft, out_dir, device, log))
+
+
+def check_finetune(init, **changes) -> Finetune:
+    """Fine-tuning's settings (`Finetune`, changed by keyword), checked; LoRA's on the model of
+    `init`, whose layers the targets must name. Bad input fails here, before any training."""
+    sft = _settings(Finetune, changes)
+    if sft.lora_rank:
+        _add_adapters(load_model(init, "cpu")[0], sft)
+    return sft
+
+
+def _add_adapters(model: GPT, sft: Finetune) -> dict:
+    """Wrap the target projections of `model` in LoRA adapters and freeze the rest; the LoRA settings."""
+    alpha = float(sft.lora_rank if sft.lora_alpha is None else sft.lora_alpha)
+    targets = [name.strip() for name in sft.lora_targets.split(",")]
+    add_lora(model, targets, sft.lora_rank, alpha)
+    return {"rank": sft.lora_rank, "alpha": alpha, "targets": targets,
+            "trainable_parameters": lora_parameter_count(model)}
+
+
+def _save_adapters_and_merge(model: GPT, lora: dict, init, out_dir, log) -> None:
+    """Write the adapters alone to out_dir/adapter.pt (with their settings and the starting
+    checkpoint they adapt), then fold them into the weights: the model is the plain one again."""
+    adapters = {"lora": lora_state_dict(model), "settings": lora, "init": str(init)}
+    path = write_atomically(repo_path(out_dir) / ADAPTER, lambda file: torch.save(adapters, file))
+    log(f"wrote the adapters to {shown(path)} ({path.stat().st_size / 1024:.0f} KiB); last.pt has them merged")
+    merge_lora(model)
+    model.requires_grad_(True)  # as load_model gives it
 
 
 def _finetune(init, train_file, val_file, sft: Finetune, out_dir, device, log) -> SFTResult:
     model, tokenizer, state = load_model(init, device)
+    extra, finish = {"chat_template": TEMPLATE_NAME, "sft_loss_on": sft.loss_on}, None
+    if sft.lora_rank:
+        extra["sft_lora"] = lora = _add_adapters(model, sft)
+        log(f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {', '.join(lora['targets'])}: "
+            f"{lora['trainable_parameters']:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}")
+
+        def finish(trained):
+            _save_adapters_and_merge(trained, lora, init, out_dir, log)
     device, block_size, pad_id = next(model.parameters()).device, model.config.block_size, tokenizer.special_ids[BEGIN]
 
     def pairs(conversations, loss_on):
@@ -362,7 +419,7 @@ def _finetune(init, train_file, val_file, sft: Finetune, out_dir, device, log) -
                 "warmup": sft.warmup, "eval_interval": sft.eval_interval, "seed": sft.seed}
     return _fit(model, tokenizer, state, settings, draw_batch,
                 evaluate=lambda: {"loss": supervised_loss(model, val_batches)} if val_batches else None,
-                out_dir=out_dir, log=log, extra={"chat_template": TEMPLATE_NAME, "sft_loss_on": sft.loss_on})
+                out_dir=out_dir, log=log, extra=extra, finish=finish)
 
 
 # --- evaluation -------------------------------------------------------------------------------------

@@ -363,6 +363,64 @@ def test_cli_sft_then_chat_with_the_template(chat_files, tmp_path, monkeypatch, 
     assert not (tmp_path / "bad").exists()  # refused before the copy drill started
 
 
+def test_lora_finetuning_trains_only_the_adapters_and_saves_them_apart(chat_files, tmp_path):
+    from lilllm.checkpoint import load_checkpoint, load_model
+    from lilllm.course import pretrained_checkpoint
+    from lilllm.layers.lora import add_lora
+    from lilllm.sft import finetune
+
+    lines = []
+    result = finetune(pretrained_checkpoint(), chat_files["train"], steps=3, eval_interval=3, lora_rank=4,
+                      lora_alpha=8.0, out_dir=tmp_path / "lora", log=lines.append)
+    base, _, _ = load_model(pretrained_checkpoint(), "cpu")
+    d, kv = base.config.d_model, base.config.n_kv_heads * base.config.head_dim
+    trainable = base.config.n_layers * 4 * ((d + d) + (d + kv))  # r·(d_in + d_out) for q and v
+    assert any(f"{trainable:,} trainable parameters" in line for line in lines)
+    # last.pt is an ordinary checkpoint of the plain architecture; only q and v moved
+    before, after = base.state_dict(), load_checkpoint(result.checkpoint)["model"]
+    assert before.keys() == after.keys()
+    for name in before:
+        targeted = name.endswith(("q_proj.weight", "v_proj.weight"))
+        assert torch.equal(before[name], after[name]) != targeted, name
+    merged, _, _ = load_model(result.checkpoint, "cpu")
+    # adapter.pt holds the adapters alone; on the starting model they give the merged model's logits
+    adapters = torch.load(tmp_path / "lora" / "adapter.pt", weights_only=True)
+    assert adapters["settings"] == load_checkpoint(result.checkpoint)["sft_lora"] == \
+        {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"], "trainable_parameters": trainable}
+    assert adapters["lora"] and all(name.endswith((".lora_A", ".lora_B")) for name in adapters["lora"])
+    add_lora(base, adapters["settings"]["targets"], rank=4, alpha=8.0)
+    base.load_state_dict(adapters["lora"], strict=False)
+    x = torch.randint(base.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(base.eval()(x)[0], merged(x)[0], atol=1e-4, rtol=0)
+
+
+def test_cli_sft_with_lora_and_its_refusals(chat_files, tmp_path, monkeypatch, capsys):
+    from lilllm.checkpoint import load_checkpoint
+    from lilllm.cli import build_parser, main
+    from lilllm.course import pretrained_checkpoint
+
+    args = build_parser().parse_args(["sft", "--lora-rank", "8", "--lora-alpha", "16", "--lora-targets", "q_proj,k_proj"])
+    assert (args.lora_rank, args.lora_alpha, args.lora_targets) == (8, 16.0, "q_proj,k_proj")
+    args = build_parser().parse_args(["sft"])
+    assert (args.lora_rank, args.lora_alpha, args.lora_targets) == (None, None, None)  # Finetune's defaults: no LoRA
+    start = ["sft", "--init", str(pretrained_checkpoint()), "--data", str(chat_files["train"]), "--steps", "2"]
+    out = tmp_path / "lora"
+    assert main([*start, "--copy-steps", "0", "--lora-rank", "2", "--lora-targets", "k_proj,out_proj",
+                 "--out", str(out)]) == 0
+    assert "trainable parameters" in capsys.readouterr().out
+    assert load_checkpoint(out / "last.pt")["sft_lora"]["targets"] == ["k_proj", "out_proj"]
+    assert (out / "adapter.pt").stat().st_size < (out / "last.pt").stat().st_size / 10
+    monkeypatch.setattr("lilllm.sft.DRILL_ROOT", tmp_path / "drills")
+    for flags, message in [(["--lora-rank", "-1"], "lora_rank=-1: use 0 for full fine-tuning"),
+                           (["--lora-rank", "4", "--lora-targets", "q_proj,query"],
+                            "LoRA target(s) query: the model has no such linear layer; choose among "),
+                           (["--lora-alpha", "8"], "lora_alpha is set but lora_rank is 0")]:
+        assert main([*start, *flags, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "drills").exists() and not (tmp_path / "bad").exists()  # refused before the copy drill
+
+
 def test_finetuning_an_aux_free_moe_checkpoint_moves_its_balancing_bias(small_data, tmp_path):
     """Fine-tuning runs the trainer's own step, so an MoE layer's after-step update happens
     here too: the bias moves, and the logged loss is the cross-entropy without balance terms."""
