@@ -105,6 +105,35 @@ class PLGAConfig:
 
 
 @dataclass
+class SharingConfig:
+    """Shared blocks that diverge as training goes on: seed 004's progressive diverging
+    (swortaljuju/lmsmall), with its bookkeeping fixed. The model's n_layers layers start as
+    n_layers / repeats blocks, each applied `repeats` times in a row. At each fraction of the
+    run in `switches`, every block becomes two copies of itself (half the repeats): the copies'
+    attention projections are frozen and adapted by LoRA (layers/lora.py), their feed-forward
+    and norms train in full. switches=[]: a model that shares its blocks to the end."""
+
+    repeats: int = 4  # applications of each block at the start: n_layers / repeats blocks
+    switches: list[float] = dataclasses.field(default_factory=lambda: [1 / 3, 2 / 3])  # fractions of the run
+    lora_rank: int = 8  # the seed's rank and alpha: a scale alpha / rank of 2
+    lora_alpha: float = 16.0
+
+    def __post_init__(self):
+        check_finite("sharing.", dataclasses.asdict(self))
+        _check_positive_int("sharing.repeats", self.repeats)
+        _check_positive_int("sharing.lora_rank", self.lora_rank)
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"sharing.lora_alpha must be positive, got {self.lora_alpha}")
+        if not isinstance(self.switches, list) or not all(0 < f < 1 for f in self.switches) or \
+                self.switches != sorted(set(self.switches)):
+            raise ConfigError(f"sharing.switches must be increasing fractions of the run between 0 and 1, "
+                              f"got {self.switches!r}")
+        if self.repeats % 2 ** len(self.switches):
+            raise ConfigError(f"each switch halves the repeats: sharing.repeats={self.repeats} cannot be halved "
+                              f"{len(self.switches)} time(s); use a multiple of {2 ** len(self.switches)}")
+
+
+@dataclass
 class ModelConfig:
     """Everything that determines a model's architecture. The defaults are the course's
     Llama-style CPU model: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
@@ -135,6 +164,7 @@ class ModelConfig:
     layers: list[LayerSpec] | None = None  # optional, one entry per layer
     moe: MoEConfig | None = None  # the settings of every "moe" feed-forward layer
     plga: PLGAConfig | None = None  # the settings of every "plga" attention layer
+    sharing: SharingConfig | None = None  # shared blocks that diverge during training (progressive diverging)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -150,6 +180,8 @@ class ModelConfig:
             self.moe = _nested(MoEConfig, self.moe, "moe")
         if isinstance(self.plga, dict):
             self.plga = _nested(PLGAConfig, self.plga, "plga")
+        if isinstance(self.sharing, dict):
+            self.sharing = _nested(SharingConfig, self.sharing, "sharing")
         if self.layers is not None:
             self.layers = [_layer_spec(entry, i) for i, entry in enumerate(self.layers)]
         self._validate()
@@ -217,6 +249,17 @@ class ModelConfig:
             raise ConfigError('an ffn of kind "moe" needs its settings: pass moe={} (the defaults) or '
                               "moe={'n_experts': 8, 'top_k': 2, ...}")
 
+        if self.sharing is not None:
+            self._validate_sharing()
+
+    def _validate_sharing(self):
+        if self.n_layers % self.sharing.repeats:
+            raise ConfigError(f"sharing.repeats={self.sharing.repeats} does not divide n_layers={self.n_layers}: "
+                              "each shared block must cover the same number of layers")
+        if self.layers is not None or self.attention != "softmax" or self.ffn == "moe" or self.block != "sequential":
+            raise ConfigError("sharing needs identical sequential blocks of softmax attention without a mixture of "
+                              "experts (copies of one block must be the same kind; LoRA adapts plain projections)")
+
     # --- presets and serialisation ---------------------------------------------------
 
     @classmethod
@@ -280,6 +323,9 @@ PRESETS = {
     "palm-150m": {"block_size": 8192, "d_model": 768, "n_layers": 12, "n_heads": 8, "head_dim": 128, "n_kv_heads": 1,
                   "block": "parallel", "positions": "xpos", "norm": "layernorm", "norm_bias": False,
                   "ffn_hidden": 4 * 768},
+    # Progressive diverging (seed 004) at the course's width: 12 layers that start as 3 shared
+    # blocks, become 6 at a third of the run and 12 at two thirds.
+    "diverging": {"n_layers": 12, "sharing": {}},
     # The same architecture at the course default's size, for a CPU: 4 layers of width 128,
     # 4 heads of 32, a learner of 2 units, the default's tied head and SwiGLU width; the DAG
     # weights of the v500 "dagreg" recipe.

@@ -1,6 +1,7 @@
 """The decoder-only language model: token embedding (+ absolute positions, if any), a
 stack of blocks (sequential, or PaLM's parallel), a final norm and an output head over the
-vocabulary.
+vocabulary. With `config.sharing`, several layers run one block (progressive diverging,
+whose blocks split in two during training: `advance`, `diverge`).
 
     from lilllm.model import GPT, ModelConfig
     model = GPT(ModelConfig.preset("default", vocab_size=2048))  # or "gpt2"
@@ -13,6 +14,7 @@ ways to read a trained model: the nats it gives a text, in one pass or token by 
 causality check), and PLGA's deductive outputs.
 """
 
+import copy
 import math
 
 import torch
@@ -23,6 +25,7 @@ from lilllm import LilllmError
 from lilllm.config import ModelConfig
 from lilllm.layers.attention import CausalSelfAttention, KVCache, LayerCache
 from lilllm.layers.ffn import GeluMLP, SwiGLU
+from lilllm.layers.lora import add_lora, merge_lora
 from lilllm.layers.moe import MoE
 from lilllm.layers.norm import NORMS, LayerNorm
 from lilllm.layers.plga import DeductiveOutputs, PLGAttention
@@ -40,6 +43,7 @@ INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix and embedding
 # The layers name their projection back into the residual stream like this; the model
 # shrinks its initialisation (see GPT._init_weights).
 RESIDUAL_PROJECTIONS = ("out_proj", "down")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")  # what diverging copies adapt with LoRA
 IGNORE_INDEX = -100  # a target equal to this is not scored (padding, or tokens the loss leaves out)
 
 
@@ -127,7 +131,10 @@ class GPT(nn.Module):
             if config.positions == "xpos":
                 self.register_buffer("xpos_scale", self._xpos_scales(0, config.block_size), persistent=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(BLOCKS[config.block](config, i) for i in range(config.n_layers))
+        n_blocks = config.n_layers // config.sharing.repeats if config.sharing else config.n_layers
+        self.blocks = nn.ModuleList(BLOCKS[config.block](config, i) for i in range(n_blocks))
+        if config.sharing:  # how many times the blocks have split: saved, so a checkpoint rebuilds them
+            self.register_buffer("sharing_stage", torch.tensor(0))
         self.norm = make_norm(config)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:  # one matrix both reads tokens in and scores them out
@@ -152,8 +159,16 @@ class GPT(nn.Module):
         """An empty KV cache for `forward(..., cache=...)`: each attention layer makes its
         own (PLGA keeps more than keys and values)."""
         cache = KVCache(self.config.n_layers)
-        cache.layers = [block.attn.new_cache() for block in self.blocks]
+        cache.layers = [block.attn.new_cache() for block in self.layer_blocks()]
         return cache
+
+    def layer_blocks(self) -> list[nn.Module]:
+        """The block each of the n_layers layers runs, in order: each its own, or with sharing,
+        each block `repeats` times in a row (a repeat halves at each switch)."""
+        if self.config.sharing is None:
+            return list(self.blocks)
+        repeats = self.config.n_layers // len(self.blocks)
+        return [self.blocks[layer // repeats] for layer in range(self.config.n_layers)]
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -183,8 +198,8 @@ class GPT(nn.Module):
         x = self.dropout(x)
         if self.config.norm_placement == "post":  # post-norm blocks end normalised; normalise the input instead
             x = self.norm(x)
-        layer_caches = cache.layers if cache is not None else [None] * len(self.blocks)
-        for block, layer_cache in zip(self.blocks, layer_caches):
+        layer_caches = cache.layers if cache is not None else [None] * self.config.n_layers
+        for block, layer_cache in zip(self.layer_blocks(), layer_caches):
             x = block(x, cos, sin, layer_cache, xpos_scale)  # (B, T, C)
         if cache is not None:
             cache.position += T
@@ -219,6 +234,47 @@ class GPT(nn.Module):
         for layer in self.sublayers():
             layer.after_optimizer_step()
 
+    def advance(self, progress: float) -> bool:
+        """Called by the trainer before each step with how far the run has come (0 → 1). True
+        means the model changed its set of parameters, so the optimizer must be built again;
+        only a model with sharing does, once at each fraction in sharing.switches."""
+        if self.config.sharing is None:
+            return False
+        passed = sum(progress >= fraction for fraction in self.config.sharing.switches)
+        changed = False
+        while self.sharing_stage.item() < passed:
+            self.diverge()
+            changed = True
+        return changed
+
+    @torch.no_grad()
+    def diverge(self) -> None:
+        """Progressive diverging's switch: every block becomes two copies of itself, so every
+        layer still computes what it did (the logits do not change). In each copy the attention
+        projections freeze and a fresh LoRA adapter (B = 0: no change yet) learns their update;
+        an adapter from the previous stage is merged into the frozen weights first. Feed-forward
+        and norms keep training in full."""
+        sharing = self.config.sharing
+        if sharing is None or self.sharing_stage.item() >= len(sharing.switches):
+            raise LilllmError("this model has no (further) switch to make: see config.sharing.switches")
+        copies = []
+        for block in self.blocks:
+            for _ in range(2):
+                twin = copy.deepcopy(block)
+                merge_lora(twin.attn)
+                add_lora(twin.attn, ATTENTION_PROJECTIONS, sharing.lora_rank, sharing.lora_alpha, freeze_rest=False)
+                copies.append(twin)
+        self.blocks = nn.ModuleList(copies)
+        self.sharing_stage += 1
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, after first diverging as often as the saved model had, so that its
+        blocks and adapters exist under the saved names and shapes."""
+        if self.config.sharing is not None and "sharing_stage" in state_dict:
+            while self.sharing_stage.item() < int(state_dict["sharing_stage"]):
+                self.diverge()
+        return super().load_state_dict(state_dict, strict, assign)
+
     def layer_metrics(self) -> dict[str, float]:
         """What each layer measures about itself, keyed "name/layer": "maxvio/2" is the MaxVio
         of layer 2's mixture of experts."""
@@ -230,7 +286,9 @@ class GPT(nn.Module):
         arXiv 2204.02311): 6 per weight (multiply-add, twice more backward) plus the attention
         scores and mixing, 12·layers·d_model·block_size. A learned position table is a lookup."""
         c = self.config
-        n_weights = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("pos_emb."))
+        n_weights = sum(p.numel() for name, p in self.named_parameters()
+                        if not name.startswith(("pos_emb.", "blocks.")))  # blocks: counted per layer that runs them
+        n_weights += sum(p.numel() for block in self.layer_blocks() for p in block.parameters())
         return 6 * n_weights + 12 * c.n_layers * c.d_model * c.block_size
 
     def _rotary(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -253,7 +311,7 @@ class GPT(nn.Module):
         return xpos_scales(c.head_dim, start, T, centre=c.block_size // 2, scale_base=c.xpos_scale_base)
 
     def parameter_counts(self) -> dict[str, int]:
-        """Trainable parameters by component; a tied head counts once, under embedding."""
+        """Parameters by component (frozen ones too); a tied or shared tensor counts once."""
         counts = dict.fromkeys(["embedding", "positions", "attention", "ffn", "norms", "head"], 0)
         for name, param in self.named_parameters():  # shared (tied) tensors are listed once
             if name.startswith("tok_emb."):

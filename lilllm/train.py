@@ -308,6 +308,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool | None = Non
     with StopOnInterrupt() as interrupt:
         while True:
             started = time.perf_counter()
+            if run.model.advance(run.progress()):  # the model changed its parameters (sharing's switches)
+                run.rebuild_optimizer()
             lr = learning_rate(run.step, config, run.schedule_progress())
             metrics = train_step(run.model, run.optimizer, run.micro_batches(), lr, config, run.step, run.wrapped,
                                  run.world_size)
@@ -383,19 +385,37 @@ class Run:
                 self.say(f"resuming {shown(self.out_dir / LAST)} at step {self.step:,}")
             else:
                 (self.out_dir / METRICS).write_text("")
+        self.wrap()
+        self.model.train()
+
+    def wrap(self) -> None:
+        """The model as the step runs it: under DDP (several processes) and torch.compile, if asked."""
         self.wrapped = self.model
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         if self.config.compile:
             self.wrapped = torch.compile(self.wrapped)
-        self.model.train()
+
+    def rebuild_optimizer(self) -> None:
+        """After the model changed its parameters: an optimizer over the trainable ones, as
+        make_optimizer builds it. A parameter it held before keeps its moments and step count;
+        a new one starts from zero. The learning-rate schedule goes on from the current step,
+        and DDP and torch.compile wrap the model again, so they see the new parameters."""
+        old = self.optimizer
+        self.optimizer = make_optimizer(self.model, self.config)
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if param in old.state:
+                    self.optimizer.state[param] = old.state[param]
+        self.wrap()
 
     def _resume(self) -> None:
         path = self.out_dir / LAST
         state = load_checkpoint(path)
         check_resumable(state, path, self.tokenizer, self.model.config, self.config.to_dict(), RESUMABLE_CHANGES)
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state["model"])  # a model with sharing first diverges as often as it had
+        self.optimizer = make_optimizer(self.model, self.config)  # so: over the parameters it has now
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["batches"])
@@ -425,6 +445,13 @@ class Run:
         if self.warm_time is None:
             self.warm_time = self.train_time
         return (self.train_time - self.warm_time) / max(1e-9, self.config.time_budget - self.warm_time)
+
+    def progress(self) -> float:
+        """How far the run has come, 0 → 1: its steps or its time budget, whichever ends it first."""
+        fraction = self.step / self.config.steps
+        if self.config.time_budget is not None:
+            fraction = max(fraction, self.train_time / self.config.time_budget)
+        return fraction
 
     def out_of_time(self) -> bool:
         return self.config.time_budget is not None and self.train_time >= self.config.time_budget

@@ -9,7 +9,7 @@ import lilllm
 
 PACKAGE = Path(lilllm.__file__).parent
 # Bottom to top. layers/* are one level: they may import each other, but not in a cycle.
-LAYERS = ["runtime", "config", "layers", "model", "tokenizer", "chat", "data", "checkpoint", "settings", "progress", "optim", "train",
+LAYERS = ["runtime", "config", "layers", "model", "hourglass", "tokenizer", "chat", "data", "checkpoint", "settings", "progress", "optim", "train",
           "sampling", "sft", "next_speaker", "bench", "env", "course", "diagrams", "cli"]
 
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from lilllm import LilllmError
 from lilllm.cli import main as cli_main
 from lilllm.config import ModelConfig
-from lilllm.checkpoint import load_checkpoint
+from lilllm.checkpoint import load_checkpoint, load_model
+from lilllm.layers.lora import LoRALinear
 from lilllm.model import GPT, ParallelBlock
 from lilllm.runtime import REPO_ROOT
 from lilllm.tokenizer import CharTokenizer
@@ -206,6 +207,21 @@ def test_palm_options_and_stable_adamw_train_resume_and_sample(small_data, tmp_p
     assert cli_main(["sample", str(tmp_path / "split" / LAST), "--prompt", "ROMEO:", "--max-new-tokens", "40"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("ROMEO:") and len(printed) > len("ROMEO:\n")
+
+
+def test_a_diverging_run_switches_resumes_bit_for_bit_and_its_checkpoint_loads(small_data, tmp_path, monkeypatch):
+    shared = ["--model.n_layers=4", '--model.sharing={"repeats": 4}']  # 1 block, then 2, then 4
+    straight = train(small_config(small_data, tmp_path / "straight", *shared), progress=False)
+    assert straight.model.sharing_stage.item() == 2 and len(straight.model.blocks) == 4
+    interrupt_at_batch(monkeypatch, 4)  # stops after step 4: between the two switches
+    train(small_config(small_data, tmp_path / "split", *shared), progress=False)
+    monkeypatch.undo()
+    resumed = train(small_config(small_data, tmp_path / "split", *shared), resume=True, progress=False)
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    loaded, _, _ = load_model(tmp_path / "split" / LAST, "cpu")
+    assert loaded.sharing_stage.item() == 2 and sum(isinstance(m, LoRALinear) for m in loaded.modules()) == 16
 
 
 def test_resuming_a_finished_run_says_so_and_writes_nothing(small_data, tmp_path, capsys):
