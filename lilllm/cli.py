@@ -189,7 +189,7 @@ def cmd_sft(args) -> int:
         if path is not None:
             load_conversations(path)  # a missing or malformed file fails now, not after the drill
     changes = {name: getattr(args, name) for name in ("steps", "batch_size", "lr", "loss_on", "lora_rank", "lora_alpha",
-                                                      "lora_targets") if getattr(args, name) is not None}
+                                                      "lora_targets", "lora_full") if getattr(args, name) is not None}
     check_finetune(init, **changes)  # so do bad settings (a LoRA target the model lacks)
     copy_steps = COPY_STEPS if args.copy_steps is None else args.copy_steps
     if copy_steps > 0:  # drilled once per starting checkpoint and settings, then reused (--copy-steps 0 skips it)
@@ -296,6 +296,9 @@ def _add_training_commands(commands) -> None:
     sft.add_argument("--lora-targets", metavar="NAMES", help="the projections LoRA adapts, comma-separated, among "
                                                              "q_proj, k_proj, v_proj, out_proj, gate, up, down "
                                                              f"(default: {Finetune.lora_targets})")
+    sft.add_argument("--lora-full", metavar="NAMES", help="modules that train in full beside the adapters, such as "
+                                                          "tok_emb (the embedding: the chat tokens are new to a "
+                                                          "pretrained model) (default: none)")
     sft.add_argument("--out", default="runs/sft", metavar="DIR", help="output folder, overwritten (default: runs/sft)")
     sft.add_argument("--device", help=DEVICE_HELP)
     sft.set_defaults(run=cmd_sft)

@@ -195,6 +195,8 @@ CURRICULUM = (
     Chapter("10_sampling", "greedy, temperature, top-k, top-p, KV-cache generation", ("lilllm.sampling", "lilllm.bench")),
     Chapter("11_palm", "PaLM's parallel block, xPos, QK-norm, Stable AdamW; three equal-time experiments",
             ("lilllm.optim",)),
+    Chapter("12_compress_and_share", "seed 004: a conv-attention hourglass (its leak, a causal fix), shared blocks "
+            "that diverge, LoRA", ("lilllm.hourglass", "lilllm.layers.lora")),
 )
 
 

@@ -23,8 +23,9 @@
    per item in one forward pass (`greedy_hits`); two models compared on the same items with a
    paired bootstrap and a sign-flip test (`paired_difference`).
 6. LoRA (`lora_rank` > 0): only low-rank adapters on the chosen projections are trained
-   (`lilllm.layers.lora`). out_dir/adapter.pt keeps them alone, a small file; last.pt holds the
-   model with them folded into its weights, an ordinary checkpoint.
+   (`lilllm.layers.lora`), and the modules of `lora_full` in full. out_dir/adapter.pt keeps them
+   alone, a small file; last.pt holds the model with them folded into its weights, an ordinary
+   checkpoint.
 7. A run is reused when asked (`reuse=True`): out_dir keeps the key it was trained for (the
    starting checkpoint's and the data's sha256, the settings), and an equal key loads it.
 """
@@ -49,7 +50,7 @@ from lilllm.chat import (
 from lilllm.checkpoint import load_model, save_checkpoint
 from lilllm.config import check_keys
 from lilllm.data import get_batch
-from lilllm.layers.lora import add_lora, lora_parameter_count, lora_state_dict, merge_lora
+from lilllm.layers.lora import add_lora, lora_state_dict, merge_lora
 from lilllm.model import GPT, IGNORE_INDEX, summed_cross_entropy
 from lilllm.progress import read_metrics
 from lilllm.runtime import (
@@ -341,12 +342,16 @@ class Finetune:
     lora_rank: int = 0  # 0: full fine-tuning; r > 0: train rank-r LoRA adapters only, the rest frozen
     lora_alpha: float | None = None  # the adapters' scale is alpha / rank; None: alpha = rank, scale 1 (paper, peft)
     lora_targets: str = "q_proj,v_proj"  # the projections to adapt, comma-separated: q and v, the paper's §7.1 finding
+    # Modules that train in full beside the adapters, comma-separated (peft's modules_to_save). tok_emb: the token
+    # embedding (and the head tied to it); a pretrained model never saw the chat template's tokens, and frozen
+    # embeddings cannot learn what they mean.
+    lora_full: str = ""
 
     def __post_init__(self):
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise LilllmError(f"lora_rank={self.lora_rank!r}: use 0 for full fine-tuning, or a rank such as 8 for LoRA")
-        if not self.lora_rank and self.lora_alpha is not None:
-            raise LilllmError("lora_alpha is set but lora_rank is 0 (full fine-tuning): give a rank too")
+        if not self.lora_rank and (self.lora_alpha is not None or self.lora_full):
+            raise LilllmError("lora_alpha or lora_full is set but lora_rank is 0 (full fine-tuning): give a rank too")
 
 
 def finetune(init, train_file, val_file=None, *, out_dir="runs/sft", device: str | None = None, log=print,
@@ -373,18 +378,29 @@ def check_finetune(init, **changes) -> Finetune:
 
 
 def _add_adapters(model: GPT, sft: Finetune) -> dict:
-    """Wrap the target projections of `model` in LoRA adapters and freeze the rest; the LoRA settings."""
+    """Wrap the target projections of `model` in LoRA adapters and freeze the rest, except the
+    modules of lora_full; the LoRA settings."""
     alpha = float(sft.lora_rank if sft.lora_alpha is None else sft.lora_alpha)
     targets = [name.strip() for name in sft.lora_targets.split(",")]
+    full = [name.strip() for name in sft.lora_full.split(",") if name.strip()]
+    for name in full:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise LilllmError(f"lora_full: the model has no module {name!r} (tok_emb is the token embedding)") from None
     add_lora(model, targets, sft.lora_rank, alpha)
-    return {"rank": sft.lora_rank, "alpha": alpha, "targets": targets,
-            "trainable_parameters": lora_parameter_count(model)}
+    for name in full:
+        model.get_submodule(name).requires_grad_(True)
+    return {"rank": sft.lora_rank, "alpha": alpha, "targets": targets, "full": full,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def _save_adapters_and_merge(model: GPT, lora: dict, init, out_dir, log) -> None:
     """Write the adapters alone to out_dir/adapter.pt (with their settings and the starting
     checkpoint they adapt), then fold them into the weights: the model is the plain one again."""
-    adapters = {"lora": lora_state_dict(model), "settings": lora, "init": str(init)}
+    trained_in_full = {f"{name}.{key}": value for name in lora["full"]
+                       for key, value in model.get_submodule(name).state_dict().items()}
+    adapters = {"lora": lora_state_dict(model), "full": trained_in_full, "settings": lora, "init": str(init)}
     path = write_atomically(repo_path(out_dir) / ADAPTER, lambda file: torch.save(adapters, file))
     log(f"wrote the adapters to {shown(path)} ({path.stat().st_size / 1024:.0f} KiB); last.pt has them merged")
     merge_lora(model)
@@ -396,7 +412,8 @@ def _finetune(init, train_file, val_file, sft: Finetune, out_dir, device, log) -
     extra, finish = {"chat_template": TEMPLATE_NAME, "sft_loss_on": sft.loss_on}, None
     if sft.lora_rank:
         extra["sft_lora"] = lora = _add_adapters(model, sft)
-        log(f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {', '.join(lora['targets'])}: "
+        log(f"LoRA rank {lora['rank']}, alpha {lora['alpha']:g} on {', '.join(lora['targets'])}"
+            f"{''.join(f', {name} in full' for name in lora['full'])}: "
             f"{lora['trainable_parameters']:,} trainable parameters of {sum(p.numel() for p in model.parameters()):,}")
 
         def finish(trained):

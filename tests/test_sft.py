@@ -386,12 +386,34 @@ def test_lora_finetuning_trains_only_the_adapters_and_saves_them_apart(chat_file
     # adapter.pt holds the adapters alone; on the starting model they give the merged model's logits
     adapters = torch.load(tmp_path / "lora" / "adapter.pt", weights_only=True)
     assert adapters["settings"] == load_checkpoint(result.checkpoint)["sft_lora"] == \
-        {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"], "trainable_parameters": trainable}
+        {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"], "full": [], "trainable_parameters": trainable}
     assert adapters["lora"] and all(name.endswith((".lora_A", ".lora_B")) for name in adapters["lora"])
+    assert adapters["full"] == {}
     add_lora(base, adapters["settings"]["targets"], rank=4, alpha=8.0)
     base.load_state_dict(adapters["lora"], strict=False)
     x = torch.randint(base.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(base.eval()(x)[0], merged(x)[0], atol=1e-4, rtol=0)
+
+
+def test_lora_full_trains_the_embedding_beside_the_adapters(chat_files, tmp_path):
+    from lilllm.checkpoint import load_checkpoint, load_model
+    from lilllm.course import pretrained_checkpoint
+    from lilllm.sft import finetune
+
+    result = finetune(pretrained_checkpoint(), chat_files["train"], steps=2, eval_interval=2, lora_rank=2,
+                      lora_full="tok_emb", out_dir=tmp_path / "lora", log=lambda line: None)
+    base, _, _ = load_model(pretrained_checkpoint(), "cpu")
+    lora = load_checkpoint(result.checkpoint)["sft_lora"]
+    d, kv = base.config.d_model, base.config.n_kv_heads * base.config.head_dim
+    assert lora["full"] == ["tok_emb"]
+    assert lora["trainable_parameters"] == base.tok_emb.weight.numel() + base.config.n_layers * 2 * (2 * d + d + kv)
+    after = load_checkpoint(result.checkpoint)["model"]
+    assert not torch.equal(after["tok_emb.weight"], base.state_dict()["tok_emb.weight"])
+    assert torch.equal(after["blocks.0.ffn.up.weight"], base.state_dict()["blocks.0.ffn.up.weight"])
+    adapters = torch.load(tmp_path / "lora" / "adapter.pt", weights_only=True)
+    assert torch.equal(adapters["full"]["tok_emb.weight"], after["tok_emb.weight"])
+    with pytest.raises(LilllmError, match="lora_full: the model has no module 'embedding'"):
+        finetune(pretrained_checkpoint(), chat_files["train"], lora_rank=2, lora_full="embedding", out_dir=tmp_path / "x")
 
 
 def test_cli_sft_with_lora_and_its_refusals(chat_files, tmp_path, monkeypatch, capsys):
@@ -414,7 +436,7 @@ def test_cli_sft_with_lora_and_its_refusals(chat_files, tmp_path, monkeypatch, c
     for flags, message in [(["--lora-rank", "-1"], "lora_rank=-1: use 0 for full fine-tuning"),
                            (["--lora-rank", "4", "--lora-targets", "q_proj,query"],
                             "LoRA target(s) query: the model has no such linear layer; choose among "),
-                           (["--lora-alpha", "8"], "lora_alpha is set but lora_rank is 0")]:
+                           (["--lora-alpha", "8"], "lora_alpha or lora_full is set but lora_rank is 0")]:
         assert main([*start, *flags, "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1
