@@ -73,6 +73,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from lilllm.progress import compare_runs
+
+    table, figure = compare_runs(args.runs)
+    print(table)
+    figure.savefig(args.out, dpi=120, bbox_inches="tight")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_bench_pretrain(args) -> int:
     from lilllm.bench import bench_pretrain, markdown_pretrain, print_pretrain
 
@@ -271,6 +281,12 @@ def _add_training_commands(commands) -> None:
     evaluate.add_argument("checkpoint", help="a .pt file written by `lilllm train` (e.g. runs/tiny/best.pt)")
     evaluate.add_argument("--device", help=DEVICE_HELP)
     evaluate.set_defaults(run=cmd_eval)
+
+    compare = commands.add_parser("compare", help="several runs in one table and one figure of val bits per byte "
+                                                  "against time and steps")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders of `lilllm train` runs (their metrics.jsonl)")
+    compare.add_argument("--out", default="compare.png", metavar="FILE.png", help="the figure (default: compare.png)")
+    compare.set_defaults(run=cmd_compare)
 
     sft = commands.add_parser("sft", help="fine-tune a checkpoint on conversations, with the loss on the assistant's tokens")
     sft.add_argument("--init", metavar="CKPT", help="the checkpoint to start from (default: a finished run of the tiny "

@@ -1,11 +1,13 @@
 """What a training run shows and keeps as it goes: a progress line at every tenth of the run
-(or a tqdm bar on a terminal), the records of metrics.jsonl, and the loss curve they draw."""
+(or a tqdm bar on a terminal), the records of metrics.jsonl, the loss curve they draw, and
+several runs compared from their records (`lilllm compare`)."""
 
 import json
 import math
 import sys
 from pathlib import Path
 
+from lilllm import LilllmError
 from lilllm.runtime import autocast_dtype, repo_path
 
 METRICS = "metrics.jsonl"
@@ -82,3 +84,36 @@ def plot_metrics(records: list[dict], ax=None, label: str = ""):
     ax.set_ylabel("bits per byte")
     ax.legend()
     return ax.figure
+
+
+def compare_runs(run_dirs, names=None) -> tuple[str, object]:
+    """Several runs side by side, from their metrics.jsonl alone: a table (steps, seconds of
+    training, tokens/s, best and last val bits per byte) and a figure of val bits per byte
+    against seconds of training and against steps, one curve per run. Runs of different
+    speeds compare fairly on the left panel, at equal time; the right one shows what each step bought.
+    `names` label the runs (default: their folders)."""
+    from matplotlib.figure import Figure  # no pyplot: works without a display
+
+    runs = {}
+    for run_dir, name in zip(run_dirs, names or [str(d) for d in run_dirs]):
+        records = read_metrics(run_dir)
+        val = [r for r in records if r["split"] == "val"]
+        if not val:
+            raise LilllmError(f"{run_dir} holds no val records in {METRICS}: give the folder of a `lilllm train` run "
+                              "that evaluated at least once")
+        runs[name] = (val, [r for r in records if r["split"] == "train"])
+    figure = Figure(figsize=(11, 3.8))
+    by_time, by_step = figure.subplots(1, 2, sharey=True)
+    width = max(len(name) for name in runs)
+    lines = [f"{'run':<{width}} {'steps':>7} {'seconds':>8} {'tokens/s':>9} {'best val':>9} {'last val':>9}"]
+    for name, (val, train) in runs.items():
+        by_time.plot([r["time_s"] for r in val], [r["bpb"] for r in val], marker=".", label=name)
+        by_step.plot([r["step"] for r in val], [r["bpb"] for r in val], marker=".", label=name)
+        speed = f"{train[-1]['tokens_per_s']:,.0f}" if train and "tokens_per_s" in train[-1] else "-"
+        lines.append(f"{name:<{width}} {val[-1]['step']:7,} {val[-1]['time_s']:8.1f} {speed:>9} "
+                     f"{min(r['bpb'] for r in val):9.4f} {val[-1]['bpb']:9.4f}")
+    by_time.set(xlabel="seconds of training", ylabel="val bits per byte", title="at equal time")
+    by_step.set(xlabel="step", title="at equal steps")
+    by_time.legend(fontsize=8)
+    figure.tight_layout()
+    return "\n".join(lines), figure

@@ -224,6 +224,21 @@ def test_a_diverging_run_switches_resumes_bit_for_bit_and_its_checkpoint_loads(s
     assert loaded.sharing_stage.item() == 2 and sum(isinstance(m, LoRALinear) for m in loaded.modules()) == 16
 
 
+def test_cli_compare_tables_and_draws_several_runs(small_data, tmp_path, capsys):
+    for name, extra in (("a", []), ("b", ["--model.n_layers=2"])):
+        train(small_config(small_data, tmp_path / name, *extra), progress=False)
+    capsys.readouterr()
+    out = tmp_path / "both.png"
+    assert cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "steps", "seconds", "tokens/s", "best", "val", "last", "val"]
+    for line, name in zip(lines[1:3], ("a", "b")):
+        assert line.startswith(str(tmp_path / name)) and line.split()[1] == "6"
+    assert out.stat().st_size > 0 and lines[-1] == f"wrote {out}"
+    assert cli_main(["compare", str(tmp_path / "empty")]) == 2
+    assert "holds no val records" in capsys.readouterr().err
+
+
 def test_resuming_a_finished_run_says_so_and_writes_nothing(small_data, tmp_path, capsys):
     train(small_config(small_data, tmp_path), progress=False)
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
