@@ -32,7 +32,7 @@ class Progress:
             self.bar.update(1)
             self.bar.set_postfix_str(", ".join(figures))
             return
-        done = max(step / self.steps, seconds / self.time_budget if self.time_budget else 0.0)
+        done = fraction_done(step, seconds, self.steps, self.time_budget)
         if self.show and (done >= self.next_line or step == self.steps):
             self.next_line = math.floor(done * 10 + 1) / 10
             left = max(0.0, seconds * (1 - done) / max(done, 1e-9))
@@ -43,6 +43,11 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def fraction_done(step: int, seconds: float, steps: int, time_budget: float | None) -> float:
+    """How far a run has come, 0 → 1: its steps or its time budget, whichever ends it first."""
+    return max(step / steps, seconds / time_budget if time_budget else 0.0)
 
 
 def start_banner(recipe: str | None, parameters: int, tokens_per_step: int, config, device, out_dir: str) -> str:

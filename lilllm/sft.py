@@ -361,7 +361,7 @@ def finetune(init, train_file, val_file=None, *, out_dir="runs/sft", device: str
     assistant's tokens (or on all, loss_on="all"). Every `eval_interval` steps the loss on the
     assistant tokens of `eval_conversations` spread over `val_file`. Writes out_dir/last.pt
     (naming the chat template) and out_dir/metrics.jsonl (`reuse`: see the module)."""
-    sft = check_finetune(init, **changes)
+    sft = _settings(Finetune, changes)  # LoRA targets are checked when _finetune adds them, before training
     # full fine-tuning keeps the key it had before LoRA came, so its finished runs are still reused
     settings = asdict(sft) if sft.lora_rank else {k: v for k, v in asdict(sft).items() if not k.startswith("lora_")}
     key = _run_key("finetune", init, settings, [f for f in (train_file, val_file) if f is not None])

@@ -32,7 +32,7 @@ from lilllm.config import ModelConfig, check_finite
 from lilllm.data import PreparedData, get_batch, load_prepared, prepared_dataset
 from lilllm.model import GPT, summed_cross_entropy
 from lilllm.optim import StableAdamW
-from lilllm.progress import METRICS, Progress, append_metrics, plot_metrics, read_metrics, start_banner
+from lilllm.progress import METRICS, Progress, append_metrics, fraction_done, plot_metrics, read_metrics, start_banner
 from lilllm.runtime import (StopOnInterrupt, autocast_context, distributed, from_rank0, mean_over_processes, pick_device,
                             repo_path, shown, write_atomically)
 from lilllm.settings import make_settings, settings_from_dict
@@ -447,11 +447,8 @@ class Run:
         return (self.train_time - self.warm_time) / max(1e-9, self.config.time_budget - self.warm_time)
 
     def progress(self) -> float:
-        """How far the run has come, 0 → 1: its steps or its time budget, whichever ends it first."""
-        fraction = self.step / self.config.steps
-        if self.config.time_budget is not None:
-            fraction = max(fraction, self.train_time / self.config.time_budget)
-        return fraction
+        """How far the run has come, 0 → 1 (`fraction_done`: what the progress display shows)."""
+        return fraction_done(self.step, self.train_time, self.config.steps, self.config.time_budget)
 
     def out_of_time(self) -> bool:
         return self.config.time_budget is not None and self.train_time >= self.config.time_budget
