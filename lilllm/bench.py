@@ -4,7 +4,9 @@ then its figures as one line of JSON (`lilllm bench tokenizer | pretrain | gener
 - `bench_tokenizer`: training a BPE, and encoding with `tokenizers` against tiktoken (same ids);
 - `bench_pretrain`: nanoGPT's CPU recipe, then the course default for the same training time;
 - `bench_generate`: tokens per second with and without the KV cache, for the model learners
-  train (the `tiny` recipe) and the default config (a longer context).
+  train (the `tiny` recipe) and the default config (a longer context);
+- `bench_generate_hf`: the same greedy generation in lilllm and in Hugging Face transformers,
+  of one model exported with lilllm.hf (`lilllm bench generate --hf`).
 
 Speed is only ever reported as measured here, never asserted in a test. Each benchmark also
 writes its table as Markdown (`--markdown`), with the date and the machine, into the README
@@ -16,6 +18,7 @@ import re
 import tempfile
 import time
 from datetime import date
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -23,6 +26,7 @@ import torch
 from lilllm import LilllmError
 from lilllm.config import ModelConfig
 from lilllm.data import load_text, train_val_split
+from lilllm.hf import export, transformers_model
 from lilllm.layers.attention import cache_bytes
 from lilllm.model import GPT
 from lilllm.runtime import REPO_ROOT, autocast_dtype, machine, pick_device, shown, write_atomically
@@ -201,6 +205,73 @@ def print_generate(result: dict) -> None:
     print(json.dumps(result["line"]))
 
 
+# --- generation in lilllm and in transformers: one model, exported -----------------------------------
+
+def bench_generate_hf(lengths=(64, 256, 512), prompt_len: int = 16, config: ModelConfig | None = None,
+                      repeats: int = 2, seed: int = 0, log=lambda message: None) -> dict:
+    """Greedy generation of each number of new tokens by lilllm (`generate`, its KV cache) and by
+    transformers (`generate`, its cache) of the same model, on the CPU in fp32, the best of
+    `repeats` runs each. The model is `config` (default: the ModelConfig default with a context
+    long enough for the longest run; random weights: speed does not depend on them), exported
+    with lilllm.hf to a temporary folder that transformers loads. Returns, per length, tokens
+    per second in each, lilllm's speed as a multiple of transformers', and whether both chose
+    the same tokens."""
+    if not lengths or min(lengths) < 1 or repeats < 1 or prompt_len < 1:
+        raise LilllmError("the benchmark needs lengths ≥ 1 new tokens, a prompt of ≥ 1 token and repeats ≥ 1")
+    config = config or ModelConfig.preset("default", vocab_size=2048, block_size=prompt_len + max(lengths))
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    train_text, _ = train_val_split(load_text())
+    tokenizer = BPETokenizer.train(train_text, config.vocab_size)  # the export needs one; the timing never uses it
+    prompt = torch.randint(config.vocab_size, (prompt_len,)).tolist()
+    with tempfile.TemporaryDirectory() as folder:
+        hf_model = transformers_model(export((model, tokenizer), folder))
+    hf_model.generation_config.eos_token_id = None  # every run makes all its tokens, as lilllm's generate does
+
+    def hf_generate(n: int) -> list[int]:
+        ids = torch.tensor([prompt])
+        output = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                   pad_token_id=0)  # (1, prompt_len + n)
+        return output[0, prompt_len:].tolist()
+
+    runs = {"lilllm": lambda n: generate(model, prompt, n, temperature=0), "transformers": hf_generate}
+    for run in runs.values():
+        run(8)  # warm-up: first calls allocate
+    rows = []
+    for n in lengths:
+        seconds, ids = {name: [] for name in runs}, {}
+        for _ in range(repeats):  # alternate the two, keep the best of each (as bench_generate)
+            for name, run in runs.items():
+                start = time.perf_counter()
+                ids[name] = run(n)
+                seconds[name].append(time.perf_counter() - start)
+        row = {"new_tokens": n, "lilllm_tokens_s": n / min(seconds["lilllm"]),
+               "transformers_tokens_s": n / min(seconds["transformers"]), "same_tokens": ids["lilllm"] == ids["transformers"]}
+        row["ratio"] = row["lilllm_tokens_s"] / row["transformers_tokens_s"]
+        rows.append(row)
+        log(f"  {n:,} new tokens: lilllm {row['lilllm_tokens_s']:,.0f} tokens/s, "
+            f"transformers {row['transformers_tokens_s']:,.0f}")
+    line = {"n_layers": config.n_layers, "block_size": config.block_size, "prompt_len": prompt_len,
+            "transformers": metadata.version("transformers"),
+            "lilllm_tokens_s": {str(row["new_tokens"]): round(row["lilllm_tokens_s"]) for row in rows},
+            "transformers_tokens_s": {str(row["new_tokens"]): round(row["transformers_tokens_s"]) for row in rows},
+            "ratio": {str(row["new_tokens"]): round(row["ratio"], 2) for row in rows},
+            "same_tokens": all(row["same_tokens"] for row in rows)}
+    return {"rows": rows, "line": line}
+
+
+def print_generate_hf(result: dict) -> None:
+    line = result["line"]
+    print(f"one model ({line['n_layers']} layers, context {line['block_size']} tokens, random weights), greedy after a "
+          f"{line['prompt_len']}-token prompt, on the CPU in fp32; transformers {line['transformers']}:")
+    print(f"{'new tokens':>10} {'lilllm tok/s':>13} {'transformers tok/s':>19} {'lilllm / transformers':>22} "
+          f"{'same tokens':>12}")
+    for row in result["rows"]:
+        print(f"{row['new_tokens']:>10,} {row['lilllm_tokens_s']:>13,.0f} {row['transformers_tokens_s']:>19,.0f} "
+              f"{row['ratio']:>21.2f}x {'yes' if row['same_tokens'] else 'NO':>12}")
+    print(json.dumps(line))
+
+
 # --- the README's tables ------------------------------------------------------------------------------
 
 README = REPO_ROOT / "README.md"
@@ -252,6 +323,18 @@ def markdown_generate(result: dict, command: str) -> str:
         notes.append(f"`{name}` {model['cache_bytes_per_token']:,} bytes per token "
                      f"({line['cache_bytes_full'] / 2**10:,.0f} KiB for a full context)")
     return "\n".join(lines + ["", f"The KV cache (fp32): {'; '.join(notes)}."])
+
+
+def markdown_generate_hf(result: dict, command: str) -> str:
+    line = result["line"]
+    lines = [f"{measured_on(command)}; one model ({line['n_layers']} layers, context {line['block_size']}, random "
+             f"weights), greedy after a {line['prompt_len']}-token prompt, CPU, fp32, transformers {line['transformers']}:",
+             "", "| new tokens | lilllm, tokens/s | transformers, tokens/s | lilllm / transformers | same tokens |",
+             "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['new_tokens']:,} | {row['lilllm_tokens_s']:,.0f} | {row['transformers_tokens_s']:,.0f} | "
+                     f"{row['ratio']:.2f}× | {'yes' if row['same_tokens'] else '**no**'} |")
+    return "\n".join(lines)
 
 
 def write_readme_section(name: str, text: str, path=README) -> Path:

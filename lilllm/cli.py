@@ -40,9 +40,10 @@ def cmd_bench_tokenizer(args) -> int:
     return 0 if result["ids_identical"] else 1
 
 
-def _report(args, result: dict, print_table, markdown) -> None:
+def _report(args, result: dict, print_table, markdown, section: str | None = None) -> None:
     """A benchmark's table and JSON line, or (--markdown) the README's table for it, which
-    --readme also writes into the README between the benchmark's marker comments."""
+    --readme also writes into the README between the marker comments of `section` (default:
+    the benchmark's name)."""
     from lilllm.bench import write_readme_section
     from lilllm.runtime import repo_path, shown
 
@@ -51,7 +52,7 @@ def _report(args, result: dict, print_table, markdown) -> None:
     else:
         print_table(result)
     if args.readme:
-        path = write_readme_section(args.target, markdown(result, args.command_line), repo_path(args.readme))
+        path = write_readme_section(section or args.target, markdown(result, args.command_line), repo_path(args.readme))
         print(f"wrote the table into {shown(path)}", file=sys.stderr)  # stdout still ends with the JSON line
 
 
@@ -209,12 +210,31 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lilllm.hf import FILES, export, loading_code
+    from lilllm.runtime import shown
+
+    out = export(args.checkpoint, args.out_dir, template=args.template)
+    print(f"wrote {shown(out)}: {', '.join(FILES)}")
+    print(f"load it with transformers: {loading_code(out)}")
+    return 0
+
+
 def cmd_bench_generate(args) -> int:
-    from lilllm.bench import bench_generate, markdown_generate, print_generate
+    from lilllm.bench import (bench_generate, bench_generate_hf, markdown_generate, markdown_generate_hf,
+                              print_generate, print_generate_hf)
     from lilllm.runtime import pick_device
 
-    result = bench_generate(args.lengths, args.prompt_len, device=pick_device(args.device), repeats=args.repeats,
-                            log=lambda message: print(message, file=sys.stderr, flush=True))  # progress, off stdout
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # progress, off stdout
+    lengths = {"lengths": args.lengths} if args.lengths else {}  # else each benchmark's own
+    if args.hf:
+        if args.device not in (None, "cpu"):
+            raise LilllmError("--hf times lilllm and transformers on the CPU, in fp32: leave --device out")
+        result = bench_generate_hf(prompt_len=args.prompt_len, repeats=args.repeats, log=log, **lengths)
+        _report(args, result, print_generate_hf, markdown_generate_hf, section="generate-hf")
+        return 0
+    result = bench_generate(prompt_len=args.prompt_len, device=pick_device(args.device), repeats=args.repeats,
+                            log=log, **lengths)
     _report(args, result, print_generate, markdown_generate)
     return 0
 
@@ -222,7 +242,8 @@ def cmd_bench_generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lilllm", description="Build, train, fine-tune and sample a small language model.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_setup_commands, _add_training_commands, _add_sampling_commands, _add_bench_commands):
+    for add in (_add_setup_commands, _add_training_commands, _add_sampling_commands, _add_export_command,
+                _add_bench_commands):
         add(commands)
     return parser
 
@@ -255,11 +276,13 @@ def _add_bench_commands(commands) -> None:
     bench_pretrain.set_defaults(run=cmd_bench_pretrain)
     bench_generate = bench.add_parser("generate", help="tokens/s of generation with and without the KV cache, "
                                                        "for the tiny recipe's model and the default config")
-    bench_generate.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512, 1024], metavar="N",
-                                help="numbers of new tokens to time (default: 64 256 512 1024)")
+    bench_generate.add_argument("--lengths", type=int, nargs="+", metavar="N",
+                                help="numbers of new tokens to time (default: 64 256 512 1024; with --hf 64 256 512)")
     bench_generate.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: 16)")
     bench_generate.add_argument("--repeats", type=int, default=2, help="time each run this many times, keep the best (default: 2)")
     bench_generate.add_argument("--device", help=DEVICE_HELP)
+    bench_generate.add_argument("--hf", action="store_true", help="instead, time one model in lilllm and in Hugging "
+                                "Face transformers (exported with lilllm.hf), on the CPU in fp32")
     bench_generate.set_defaults(run=cmd_bench_generate)
     for command in (bench_tokenizer, bench_pretrain, bench_generate):
         command.add_argument("--markdown", action="store_true", help="print the README's table, with the date and "
@@ -357,6 +380,15 @@ def _add_sampling_commands(commands) -> None:
     add_sampling_options(chat)
     chat.add_argument("--template", help="chat template by name (default: the checkpoint's, else plain)")
     chat.set_defaults(run=cmd_chat)
+
+
+def _add_export_command(commands) -> None:
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face folder (Llama or GPT-2) "
+                                                "that transformers loads")
+    export.add_argument("checkpoint", help="a .pt file written by `lilllm train` or `lilllm sft`")
+    export.add_argument("out_dir", help="the folder to write (config.json, model.safetensors, tokenizer files)")
+    export.add_argument("--template", help="chat template by name (default: the checkpoint's, else plain)")
+    export.set_defaults(run=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:

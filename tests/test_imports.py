@@ -9,8 +9,8 @@ import lilllm
 
 PACKAGE = Path(lilllm.__file__).parent
 # Bottom to top. layers/* are one level: they may import each other, but not in a cycle.
-LAYERS = ["runtime", "config", "layers", "model", "hourglass", "tokenizer", "chat", "data", "checkpoint", "settings", "progress", "optim", "train",
-          "sampling", "sft", "next_speaker", "bench", "env", "course", "diagrams", "cli"]
+LAYERS = ["runtime", "config", "layers", "model", "hourglass", "tokenizer", "chat", "data", "checkpoint", "hf", "settings",
+          "progress", "optim", "train", "sampling", "sft", "next_speaker", "bench", "env", "course", "diagrams", "cli"]
 
 
 def package_imports() -> dict[str, set[str]]:
