@@ -106,6 +106,8 @@ def hf_architecture(config: ModelConfig) -> str:
         problems.append("post-norm blocks")
     if config.qk_norm != "none":
         problems.append(f"qk_norm={config.qk_norm}")
+    if config.sharing is not None:
+        problems.append("shared blocks (config.sharing)")
     if config.positions == "rope":  # the position kind picks the family: RoPE is Llama's
         if config.norm != "rmsnorm":
             problems.append("layernorm with rope positions (Llama normalises with RMSNorm)")

@@ -235,6 +235,7 @@ def test_load_reads_a_model_transformers_saved(name, tmp_path):
     ("default", {"positions": "xpos"}, "xpos positions"),
     ("default", {"positions": "sinusoidal"}, "sinusoidal positions"),
     ("default", {"qk_norm": "rms"}, "qk_norm=rms"),
+    ("default", {"n_layers": 4, "sharing": {}}, "shared blocks"),
     ("default", {"norm_placement": "post"}, "post-norm blocks"),
     ("default", {"norm": "layernorm"}, "layernorm with rope positions"),
     ("default", {"ffn": "gelu"}, "a gelu ffn with rope positions"),
