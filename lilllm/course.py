@@ -197,6 +197,8 @@ CURRICULUM = (
             ("lilllm.optim",)),
     Chapter("12_compress_and_share", "seed 004: a conv-attention hourglass (its leak, a causal fix), shared blocks "
             "that diverge, LoRA", ("lilllm.hourglass", "lilllm.layers.lora")),
+    Chapter("13_capstone", "the whole pipeline end to end; export to and import from Hugging Face transformers "
+            "(equal logits, greedy text, chat template); a generation race", ("lilllm.hf",)),
 )
 
 

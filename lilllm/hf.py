@@ -45,7 +45,8 @@ Hugging Face's Llama rotates in the half-split layout of layers/rope.py, so q an
 permutation.
 
 `load` reads a folder `save_pretrained` or `export` wrote, refusing in one line what the course
-cannot compute (rope scaling, Llama's optional biases, GPT-2's tanh GELU, other architectures).
+cannot compute (rope scaling, Llama's optional biases, another activation, other architectures).
+GPT-2's own activation, the tanh approximation of GELU, is the course's `gelu_tanh` ffn.
 Its tokenizer is a course tokenizer only when the folder's is one the course serves with the
 same ids: exactly what `export` writes (`course_tokenizer`). Others (GPT-2's own, with one
 special token) are refused; `load(folder, tokenizer=False)` then imports the weights alone, and
@@ -57,7 +58,6 @@ a role marker). `transformers` and `safetensors` come with the dev extra (`pip i
 ".[dev]"`), not with the course: this module imports them only when it needs them.
 """
 
-import importlib
 import json
 from pathlib import Path
 
@@ -70,10 +70,15 @@ from lilllm.chat import BEGIN, END, ROLE_TOKENS, chat_template, stop_ids
 from lilllm.checkpoint import load_model
 from lilllm.config import ModelConfig
 from lilllm.model import GPT
-from lilllm.runtime import write_atomically
+from lilllm.runtime import import_quietly, write_atomically
 from lilllm.tokenizer import SPECIAL_TOKENS, BPETokenizer, CharTokenizer, Tokenizer, _gpt2_byte_to_char
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+# GPT-2's activation_function for each of the course's GELU MLPs: the exact GELU, and the tanh
+# approximation GPT-2 was trained with (which Hugging Face computes as gelu_new, and the same
+# formula through PyTorch's kernel as gelu_pytorch_tanh)
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+GPT2_TANH_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -81,9 +86,16 @@ def _require(module: str):
     """A module of `safetensors` or `transformers`, imported when first needed: the course
     runs without them."""
     try:
-        return importlib.import_module(module)
+        return import_quietly(module)
     except ImportError:
         raise LilllmError(f'the Hugging Face door needs {module.split(".")[0]}: pip install -e ".[dev]"') from None
+
+
+def import_transformers():
+    """`transformers`, as lilllm uses it: imported quietly, its progress bars (on stderr) off."""
+    transformers = _require("transformers")
+    transformers.logging.disable_progress_bar()
+    return transformers
 
 
 # --- which Hugging Face class holds a course model ----------------------------------------------
@@ -111,7 +123,7 @@ def hf_architecture(config: ModelConfig) -> str:
     if config.positions == "rope":  # the position kind picks the family: RoPE is Llama's
         if config.norm != "rmsnorm":
             problems.append("layernorm with rope positions (Llama normalises with RMSNorm)")
-        if "gelu" in ffns:
+        if ffns & set(GPT2_ACTIVATIONS):
             problems.append("a gelu ffn with rope positions (Llama's MLP is SwiGLU)")
         if config.bias:
             problems.append("biases in a Llama-style model")
@@ -237,7 +249,7 @@ def hf_config(model: GPT, tokenizer: Tokenizer) -> dict:
     return {"architectures": [ARCHITECTURES["gpt2"]], "model_type": "gpt2", **common,
             "n_embd": c.d_model, "n_layer": c.n_layers, "n_head": c.n_heads, "n_inner": hidden,
             "n_positions": c.block_size, "layer_norm_epsilon": c.norm_eps,
-            "activation_function": "gelu",  # exact (erf) GELU, F.gelu's default; "gelu_new" is the tanh one
+            "activation_function": GPT2_ACTIVATIONS[c.layer(0).ffn],  # one kind in every layer (hf_architecture)
             "embd_pdrop": c.dropout, "attn_pdrop": c.dropout, "resid_pdrop": c.dropout,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
 
@@ -348,7 +360,7 @@ def loading_code(folder) -> str:
 
 def transformers_model(folder):
     """transformers' model of a local folder, in eval mode: what `loading_code`'s line builds."""
-    return _require("transformers").AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    return import_transformers().AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
 
 
 # --- load -----------------------------------------------------------------------------------------
@@ -372,12 +384,14 @@ def course_config(hf) -> ModelConfig:
                       rope_base=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
                       block_size=hf.max_position_embeddings)
     elif hf.model_type == "gpt2":
-        if hf.activation_function != "gelu":
-            problems.append(f"activation_function={hf.activation_function} (the course's GELU is the exact one, gelu)")
+        gelu = "gelu" if hf.activation_function == "gelu" else "gelu_tanh"
+        if hf.activation_function not in ("gelu", *GPT2_TANH_ACTIVATIONS):
+            problems.append(f"activation_function={hf.activation_function} (the course's MLPs compute gelu, "
+                            f"gelu_new and gelu_pytorch_tanh)")
         if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx or hf.add_cross_attention:
             problems.append("attention scaled otherwise than by 1/√head_dim, or cross-attention")
         values = dict(d_model=hf.n_embd, n_layers=hf.n_layer, n_heads=hf.n_head, n_kv_heads=None,
-                      ffn="gelu", ffn_hidden=hf.n_inner or 4 * hf.n_embd, norm="layernorm",
+                      ffn=gelu, ffn_hidden=hf.n_inner or 4 * hf.n_embd, norm="layernorm",
                       norm_eps=hf.layer_norm_epsilon, positions="learned", bias=True, block_size=hf.n_positions)
     else:
         raise LilllmError(f"a {hf.model_type} model: lilllm.hf.load reads {' and '.join(ARCHITECTURES.values())} "
@@ -435,7 +449,7 @@ def load(folder, tokenizer: bool = True) -> tuple[GPT, Tokenizer | None]:
     if not (folder / "config.json").is_file():
         raise LilllmError(f"{folder} has no config.json: give the folder of a Hugging Face model "
                           "(save_pretrained or lilllm export wrote it)")
-    transformers = _require("transformers")
+    transformers = import_transformers()
     try:
         hf = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:

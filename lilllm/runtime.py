@@ -5,6 +5,7 @@ how a file is written so that nobody ever reads half of it.
 The bottom of the package: it imports nothing of lilllm but `LilllmError`.
 """
 
+import importlib
 import os
 import platform
 import re
@@ -86,12 +87,18 @@ def shown(path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
-def import_datasets():
-    """The `datasets` module, imported when first needed (it takes a second). Importing it
-    loads tqdm.auto, which warns in Jupyter when ipywidgets is absent; lilllm shows no bars there."""
+def import_quietly(name: str):
+    """Import module `name` (`datasets`, `transformers`: they take a second, so lilllm imports
+    them when first needed). Both load tqdm.auto, which warns in Jupyter when ipywidgets is
+    absent; lilllm shows no progress bars of theirs, so the warning says nothing useful."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="IProgress not found")
-        import datasets
+        return importlib.import_module(name)
+
+
+def import_datasets():
+    """The `datasets` module, its progress bars off."""
+    datasets = import_quietly("datasets")
     datasets.disable_progress_bars()
     return datasets
 

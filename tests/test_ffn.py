@@ -1,11 +1,13 @@
 """Feed-forward networks: the width rules, parameter counts by hand, and the formulas."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lilllm.config import ModelConfig
-from lilllm.layers.ffn import GeluMLP, SwiGLU, gelu_hidden, swiglu_hidden
+from lilllm.layers.ffn import GeluMLP, GeluTanhMLP, SwiGLU, gelu_hidden, swiglu_hidden
 
 
 def n_params(module):
@@ -52,3 +54,16 @@ def test_the_outputs_follow_the_formulas():
     expected = (gate * torch.sigmoid(gate) * up) @ swiglu.down.weight.T + swiglu.down.bias  # SiLU(a) = a·σ(a)
     torch.testing.assert_close(swiglu(x), expected)
 
+
+
+def test_the_tanh_gelu_is_gpt2s_formula_and_differs_from_the_exact_one():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=10, d_model=32, n_heads=2, bias=True)
+    x = torch.randn(2, 5, 32) * 3
+    tanh_mlp = GeluTanhMLP(config)
+    h = F.linear(x, tanh_mlp.up.weight, tanh_mlp.up.bias)
+    gpt2_gelu = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))  # GPT-2's code
+    torch.testing.assert_close(tanh_mlp(x), F.linear(gpt2_gelu, tanh_mlp.down.weight, tanh_mlp.down.bias))
+    exact = GeluMLP(config)
+    exact.load_state_dict(tanh_mlp.state_dict())
+    assert not torch.allclose(exact(x), tanh_mlp(x), atol=1e-5)  # close, but another function

@@ -38,6 +38,7 @@ MODELS = {
                                                   "rope_base": 500.0, "norm_eps": 1e-6, "ffn_hidden": 96}),
     "gpt2": ("gpt2", {}),
     "gpt2-without-biases-untied": ("gpt2", {"bias": False, "tie_embeddings": False, "ffn_hidden": 80}),
+    "gpt2-tanh-gelu": ("gpt2", {"ffn": "gelu_tanh"}),  # GPT-2's own activation: gelu_new
 }
 CONVERSATIONS = [
     [{"role": "user", "content": "Who speaks next?"}],
@@ -94,6 +95,8 @@ def test_export_writes_the_class_of_the_family(exported):
     model, folder, hf_model = exported
     family = "LlamaForCausalLM" if model.config.positions == "rope" else "GPT2LMHeadModel"
     assert type(hf_model).__name__ == family
+    if family == "GPT2LMHeadModel":
+        assert hf_model.config.activation_function == {"gelu": "gelu", "gelu_tanh": "gelu_new"}[model.config.ffn]
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                         "tokenizer_config.json"]
 
@@ -212,6 +215,10 @@ HF_MODELS = {
     "gpt2-untied-n-inner": lambda: transformers.GPT2Config(
         vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64, n_inner=80, activation_function="gelu",
         tie_word_embeddings=False, layer_norm_epsilon=1e-6),
+    "gpt2-as-released": lambda: transformers.GPT2Config(  # the default activation, gelu_new: GPT-2's own
+        vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+    "gpt2-pytorch-tanh": lambda: transformers.GPT2Config(
+        vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64, activation_function="gelu_pytorch_tanh"),
 }
 
 
@@ -264,7 +271,7 @@ def test_export_refuses_a_tokenizer_of_another_size(bpe, tmp_path):
     (transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, attention_bias=True), "attention or mlp biases"),
     (transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, mlp_bias=True), "attention or mlp biases"),
     (transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, hidden_act="gelu"), "hidden_act=gelu"),
-    (transformers.GPT2Config(n_embd=64, n_head=4), "activation_function=gelu_new"),
+    (transformers.GPT2Config(n_embd=64, n_head=4, activation_function="relu"), "activation_function=relu"),
     (transformers.GPT2Config(n_embd=64, n_head=4, activation_function="gelu", scale_attn_by_inverse_layer_idx=True),
      "attention scaled otherwise"),
     (transformers.MistralConfig(hidden_size=64, num_attention_heads=4), "MistralForCausalLM|a mistral model"),

@@ -1,6 +1,8 @@
 """Feed-forward networks: the position-wise MLP of every decoder block.
 
-- `GeluMLP`, GPT-2's: widen to 4·d, GELU (Hendrycks & Gimpel, arXiv 1606.08415), back to d.
+- `GeluMLP`: widen to 4·d, GELU (Hendrycks & Gimpel, arXiv 1606.08415), back to d. The
+  exact GELU, x·Φ(x); `GeluTanhMLP` uses the paper's tanh approximation, which GPT-2 itself was
+  trained with (Hugging Face calls it "gelu_new"), so its weights compute the same here.
 - `SwiGLU`, Llama's (Shazeer, "GLU Variants Improve Transformer", arXiv 2002.05202):
   a SiLU-activated gate multiplies a second up-projection elementwise. It has three
   matrices instead of two, so its hidden width is 2/3 of 4·d to keep the parameter count
@@ -37,6 +39,8 @@ def swiglu_hidden(d_model: int, multiple: int = SWIGLU_MULTIPLE) -> int:
 
 
 class GeluMLP(Sublayer):
+    approximate = "none"  # F.gelu's: the exact GELU
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden = config.ffn_hidden or gelu_hidden(config.d_model)
@@ -51,7 +55,11 @@ class GeluMLP(Sublayer):
         return self.from_projections(self.up(x))  # (B, T, C) → (B, T, H) → (B, T, C)
 
     def from_projections(self, up: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(up)))  # (B, T, H) → (B, T, C)
+        return self.dropout(self.down(F.gelu(up, approximate=self.approximate)))  # (B, T, H) → (B, T, C)
+
+
+class GeluTanhMLP(GeluMLP):
+    approximate = "tanh"  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): GPT-2's
 
 
 class SwiGLU(Sublayer):
