@@ -1,12 +1,14 @@
 """Benchmarks: each measures one claim of the course on this machine and prints a table,
-then its figures as one line of JSON (`lilllm bench tokenizer | pretrain | generate`).
+then its figures as one line of JSON (`lilllm bench tokenizer | pretrain | generate | speedrun`).
 
 - `bench_tokenizer`: training a BPE, and encoding with `tokenizers` against tiktoken (same ids);
 - `bench_pretrain`: nanoGPT's CPU recipe, then the course default for the same training time;
 - `bench_generate`: tokens per second with and without the KV cache, for the model learners
   train (the `tiny` recipe) and the default config (a longer context);
 - `bench_generate_hf`: the same greedy generation in lilllm and in Hugging Face transformers,
-  of one model exported with lilllm.hf (`lilllm bench generate --hf`).
+  of one model exported with lilllm.hf (`lilllm bench generate --hf`);
+- `bench_speedrun`: the tiny recipe and each change to it (Muon, QK-norm, ReLU², the schedule,
+  shapes) trained for the same seconds over several seeds, its runs kept and reused.
 
 Speed is only ever reported as measured here, never asserted in a test. Each benchmark also
 writes its table as Markdown (`--markdown`), with the date and the machine, into the README
@@ -15,6 +17,7 @@ between its marker comments (`--readme`): the README's measured figures are rege
 
 import json
 import re
+import shutil
 import tempfile
 import time
 from datetime import date
@@ -29,7 +32,7 @@ from lilllm.data import load_text, train_val_split
 from lilllm.hf import export, transformers_model
 from lilllm.layers.attention import cache_bytes
 from lilllm.model import GPT
-from lilllm.runtime import REPO_ROOT, autocast_dtype, machine, pick_device, shown, write_atomically
+from lilllm.runtime import REPO_ROOT, autocast_dtype, machine, pick_device, repo_path, shown, write_atomically
 from lilllm.sampling import generate
 from lilllm.tokenizer import BPETokenizer, train_hf_bpe
 from lilllm.train import TrainConfig, make_config, train
@@ -272,6 +275,78 @@ def print_generate_hf(result: dict) -> None:
     print(json.dumps(line))
 
 
+# --- the speedrun: each change to the tiny recipe at equal training time -------------------------------
+
+# An arm's name → the settings it changes in the tiny recipe; the first is the baseline.
+SPEEDRUN_ARMS = {
+    "AdamW (the tiny recipe)": [],
+    "AdamW, lr 1e-3": ["--lr=1e-3", "--min-lr=1e-4"],
+    "AdamW, lr 4e-3": ["--lr=4e-3", "--min-lr=4e-4"],
+    "Muon": ["--optimizer=muon"],
+    "Muon, muon_lr 0.01": ["--optimizer=muon", "--muon-lr=0.01"],
+    "Muon, muon_lr 0.04": ["--optimizer=muon", "--muon-lr=0.04"],
+    "Muon, QK-norm": ["--optimizer=muon", "--model.qk_norm=rms"],
+    "Muon, ReLU² MLP": ["--optimizer=muon", "--model.ffn=relu2"],
+    "Muon, untied head": ["--optimizer=muon", "--model.tie_embeddings=false"],
+    "Muon, warmup-stable-decay": ["--optimizer=muon", "--schedule=wsd"],
+    "Muon, no weight decay": ["--optimizer=muon", "--weight-decay=0"],
+    "Muon, batch 32": ["--optimizer=muon", "--batch-size=32"],
+    "Muon, 3 layers": ["--optimizer=muon", "--model.n_layers=3"],
+}
+SPEEDRUN_DIR = "runs/speedrun"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("²", "2")).strip("-")
+
+
+def bench_speedrun(arms: dict | None = None, seeds=(0, 1), budget: float = 100.0, out_dir=None,
+                   log=lambda message: None) -> dict:
+    """Train each arm (SPEEDRUN_ARMS: the tiny recipe with some settings changed) for `budget`
+    seconds of training per seed, evaluating on the whole val split at the end. Each run lives
+    in out_dir/<arm>-<seed>/ (default: SPEEDRUN_DIR) and is reused when it finished with the same settings, so the
+    table comes back at once the second time. Returns per arm the val bits per byte of each
+    seed, their mean and spread (half the range), steps and tokens per second."""
+    if not seeds or budget <= 0:
+        raise LilllmError("the speedrun needs at least one seed and a budget of seconds > 0")
+    rows = []
+    for name, changes in (arms or SPEEDRUN_ARMS).items():
+        runs = []
+        for seed in seeds:
+            folder = repo_path(out_dir or SPEEDRUN_DIR) / f"{_slug(name)}-{seed}"
+            config = make_config("tiny", [*changes, f"--time-budget={budget}", "--steps=1000000000", "--eval-interval=0",
+                                          f"--seed={seed}", f"--out-dir={folder}"])
+            try:  # a finished run with these settings says so and is reused
+                summary = train(config, resume=True, progress=False).summary if (folder / "last.pt").exists() else None
+            except LilllmError:  # another run's folder (other settings): train it again
+                summary = None
+            if summary is None:
+                shutil.rmtree(folder, ignore_errors=True)
+                summary = train(config, progress=False).summary
+            runs.append(summary)
+            log(f"  {name}, seed {seed}: {summary['val_bpb']:.4f} bits per byte after {summary['step']:,} steps")
+        scores = [run["val_bpb"] for run in runs]
+        rows.append({"arm": name, "changes": changes, "val_bpb": scores, "mean": sum(scores) / len(scores),
+                     "spread": (max(scores) - min(scores)) / 2, "steps": sum(r["step"] for r in runs) / len(runs),
+                     "tokens_s": sum(r["tokens_per_s"] for r in runs) / len(runs)})
+    baseline = rows[0]["mean"]
+    for row in rows:
+        row["gain"] = baseline - row["mean"]
+    line = {"budget_s": budget, "seeds": list(seeds), **{row["arm"]: round(row["mean"], 4) for row in rows}}
+    return {"rows": rows, "line": line}
+
+
+def print_speedrun(result: dict) -> None:
+    line = result["line"]
+    print(f"the tiny recipe and changes to it, {line['budget_s']:.0f} s of training each, seeds {line['seeds']}; "
+          "val bits per byte (mean ± half the range over seeds):")
+    print(f"{'':30} {'val bpb':>16} {'gain':>8} {'steps':>7} {'tokens/s':>9}")
+    for row in result["rows"]:
+        print(f"{row['arm']:30} {row['mean']:>8.4f} ± {row['spread']:.4f} {row['gain']:>+8.4f} {row['steps']:>7,.0f} "
+              f"{row['tokens_s']:>9,.0f}")
+    print(json.dumps(line))
+
+
 # --- the README's tables ------------------------------------------------------------------------------
 
 README = REPO_ROOT / "README.md"
@@ -334,6 +409,17 @@ def markdown_generate_hf(result: dict, command: str) -> str:
     for row in result["rows"]:
         lines.append(f"| {row['new_tokens']:,} | {row['lilllm_tokens_s']:,.0f} | {row['transformers_tokens_s']:,.0f} | "
                      f"{row['ratio']:.2f}× | {'yes' if row['same_tokens'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def markdown_speedrun(result: dict, command: str) -> str:
+    line = result["line"]
+    lines = [f"{measured_on(command)}; {line['budget_s']:.0f} s of training per run, seeds {line['seeds']}, val bits "
+             "per byte on the whole val split (mean ± half the range over seeds):", "",
+             "| the tiny recipe, changed | val bits per byte | gain | steps | tokens/s |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['arm']} | {row['mean']:.4f} ± {row['spread']:.4f} | {row['gain']:+.4f} | "
+                     f"{row['steps']:,.0f} | {row['tokens_s']:,.0f} |")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ function; a LilllmError (bad input) is printed as one line and exits with status
 option is spelt with dashes (--vocab-size, and the training settings --out-dir=...)."""
 
 import argparse
+import json
 import shlex
 import sys
 
@@ -88,6 +89,20 @@ def cmd_bench_pretrain(args) -> int:
     from lilllm.bench import bench_pretrain, markdown_pretrain, print_pretrain
 
     _report(args, bench_pretrain(args.long, args.steps, args.device), print_pretrain, markdown_pretrain)
+    return 0
+
+
+def cmd_bench_speedrun(args) -> int:
+    from lilllm.bench import bench_speedrun, markdown_speedrun, measured_on, print_speedrun
+    from lilllm.runtime import repo_path, shown, write_atomically
+
+    result = bench_speedrun(seeds=tuple(range(args.seeds)), budget=args.budget,
+                            log=lambda message: print(message, file=sys.stderr, flush=True))  # progress, off stdout
+    _report(args, result, print_speedrun, markdown_speedrun)
+    if args.save:  # chapter 13 reads its table from this file rather than training for most of an hour
+        path = write_atomically(repo_path(args.save), json.dumps({"measured": measured_on(args.command_line), **result},
+                                                                  indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {shown(path)}", file=sys.stderr)
     return 0
 
 
@@ -284,7 +299,15 @@ def _add_bench_commands(commands) -> None:
     bench_generate.add_argument("--hf", action="store_true", help="instead, time one model in lilllm and in Hugging "
                                 "Face transformers (exported with lilllm.hf), on the CPU in fp32")
     bench_generate.set_defaults(run=cmd_bench_generate)
-    for command in (bench_tokenizer, bench_pretrain, bench_generate):
+    bench_speedrun = bench.add_parser("speedrun", help="the tiny recipe and each change to it (Muon, QK-norm, ReLU², "
+                                                       "...) for the same training time, over seeds")
+    bench_speedrun.add_argument("--seeds", type=int, default=2, help="seeds per change, 0, 1, ... (default: 2)")
+    bench_speedrun.add_argument("--budget", type=float, default=100.0, help="seconds of training per run (default: 100)")
+    bench_speedrun.add_argument("--save", nargs="?", const="results/speedrun.json", metavar="FILE",
+                                help="also write the results as JSON (default file: results/speedrun.json, which "
+                                     "chapter 13 reads)")
+    bench_speedrun.set_defaults(run=cmd_bench_speedrun)
+    for command in (bench_tokenizer, bench_pretrain, bench_generate, bench_speedrun):
         command.add_argument("--markdown", action="store_true", help="print the README's table, with the date and "
                                                                      "the machine, instead of the plain one")
         command.add_argument("--readme", nargs="?", const="README.md", metavar="FILE",

@@ -20,7 +20,7 @@ from lilllm import LilllmError
 # The kinds each setting may name. Dicts from these names to classes build the layers
 # (ATTENTIONS and FFNS in model.py, NORMS in layers/norm.py); a test checks that they agree.
 ATTENTION_KINDS = ("softmax", "plga")  # softmax: scaled dot-product, n_kv_heads picks MHA/GQA/MQA; plga: ModelConfig.plga
-FFN_KINDS = ("swiglu", "gelu", "gelu_tanh", "moe")  # gelu_tanh: GPT-2's approximate GELU; moe: a mixture of SwiGLU experts, set by ModelConfig.moe
+FFN_KINDS = ("swiglu", "gelu", "gelu_tanh", "relu2", "moe")  # gelu_tanh: GPT-2's approximate GELU; relu2: ReLU²; moe: a mixture of SwiGLU experts, set by ModelConfig.moe
 NORM_KINDS = ("rmsnorm", "layernorm")
 POSITION_KINDS = ("rope", "xpos", "learned", "sinusoidal")  # xpos: RoPE with a decay by distance (layers/rope.py)
 ROTARY_POSITIONS = ("rope", "xpos")  # positions that rotate q and k: no table, so no last position
@@ -146,7 +146,7 @@ class ModelConfig:
     n_kv_heads: int | None = 2  # key/value heads: n_heads → MHA, 1 → MQA, between → GQA; None: n_heads
     head_dim: int | None = None  # each head's width; None: d_model // n_heads (PaLM's heads are wider)
     attention: str = "softmax"  # every layer's attention: softmax or plga (ATTENTION_KINDS)
-    ffn: str = "swiglu"  # every layer's feed-forward: swiglu, gelu, gelu_tanh or moe (FFN_KINDS)
+    ffn: str = "swiglu"  # every layer's feed-forward: swiglu, gelu, gelu_tanh, relu2 or moe (FFN_KINDS)
     ffn_hidden: int | None = None  # None: the feed-forward kind's own rule (layers/ffn.py)
     norm: str = "rmsnorm"  # rmsnorm or layernorm
     norm_eps: float = 1e-5  # added under the norm's square root

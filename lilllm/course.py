@@ -197,7 +197,9 @@ CURRICULUM = (
             ("lilllm.optim",)),
     Chapter("12_compress_and_share", "seed 004: a conv-attention hourglass (its leak, a causal fix), shared blocks "
             "that diverge, LoRA", ("lilllm.hourglass", "lilllm.layers.lora")),
-    Chapter("13_capstone", "the whole pipeline end to end; export to and import from Hugging Face transformers "
+    Chapter("13_speedrun", "a CPU speedrun: Muon from scratch (Newton–Schulz), its cost on a CPU, and the training "
+            "tricks raced one at a time at equal time over seeds", ("lilllm.optim",)),
+    Chapter("14_capstone", "the whole pipeline end to end; export to and import from Hugging Face transformers "
             "(equal logits, greedy text, chat template); a generation race", ("lilllm.hf",)),
 )
 

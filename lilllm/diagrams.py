@@ -23,10 +23,10 @@ PARTS = (
     ("attention: GQA + RoPE + KV cache\n(or PLGA; xPos, QK-norm)", "attention\n(RoPE, GQA, PLGA,\nxPos, QK-norm)",
      ("03", "04", "06", "11", "12"), 3.3, 0.8),
     ("RMSNorm (none in a parallel block)", "RMSNorm", ("02", "11"), 4.7, 0.5),
-    ("feed-forward: SwiGLU\n(or mixture-of-experts)", "feed-forward\n(SwiGLU, MoE)", ("05", "07", "11"), 5.5, 0.8),
+    ("feed-forward: SwiGLU\n(or mixture-of-experts, ReLU²)", "feed-forward\n(SwiGLU, MoE,\nReLU²)", ("05", "07", "11", "13"), 5.5, 0.8),
     ("final RMSNorm", "final norm", ("02",), 7.0, 0.5),
     ("output head → logits", "head → logits", ("05",), 7.8, 0.6),
-    ("next-token loss: pretraining, SFT mask\n| sampling: greedy, top-k, top-p", "train · SFT\n· sample", ("08", "09", "10", "11", "12"),
+    ("next-token loss: pretraining, SFT mask\n| sampling: greedy, top-k, top-p", "train · SFT\n· sample", ("08", "09", "10", "11", "12", "13"),
      8.8, 0.8),
 )
 BLOCK = (2.3, 6.45)  # the decoder block's extent in y: the parts between repeat

@@ -123,8 +123,8 @@ def hf_architecture(config: ModelConfig) -> str:
     if config.positions == "rope":  # the position kind picks the family: RoPE is Llama's
         if config.norm != "rmsnorm":
             problems.append("layernorm with rope positions (Llama normalises with RMSNorm)")
-        if ffns & set(GPT2_ACTIVATIONS):
-            problems.append("a gelu ffn with rope positions (Llama's MLP is SwiGLU)")
+        for kind in sorted(ffns - {"swiglu", "moe"}):
+            problems.append(f"a {kind} ffn with rope positions (Llama's MLP is SwiGLU)")
         if config.bias:
             problems.append("biases in a Llama-style model")
     elif config.positions == "learned":  # GPT-2's
@@ -132,8 +132,8 @@ def hf_architecture(config: ModelConfig) -> str:
             problems.append("rmsnorm with learned positions (GPT-2 normalises with LayerNorm)")
         if not config.norm_bias:
             problems.append("norm_bias=False (GPT-2's LayerNorm has a bias)")
-        if "swiglu" in ffns:
-            problems.append("a swiglu ffn with learned positions (GPT-2's MLP is GELU)")
+        for kind in sorted(ffns - set(GPT2_ACTIVATIONS) - {"moe"}):
+            problems.append(f"a {kind} ffn with learned positions (GPT-2's MLP is GELU)")
         if config.n_kv_heads != config.n_heads:
             problems.append("grouped key/value heads with learned positions (GPT-2 is multi-head)")
         if config.head_dim * config.n_heads != config.d_model:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lilllm import LilllmError
 from lilllm.config import ModelConfig
 from lilllm.layers.attention import CausalSelfAttention, KVCache, LayerCache
-from lilllm.layers.ffn import GeluMLP, GeluTanhMLP, SwiGLU
+from lilllm.layers.ffn import GeluMLP, GeluTanhMLP, ReluSquaredMLP, SwiGLU
 from lilllm.layers.lora import add_lora, merge_lora
 from lilllm.layers.moe import MoE
 from lilllm.layers.norm import NORMS, LayerNorm
@@ -37,7 +37,7 @@ __all__ = ["GPT", "Block", "ParallelBlock", "ModelConfig", "KVCache", "IGNORE_IN
 # The kinds a config can name (config.py lists the names; a test keeps both in step):
 # each block builds ATTENTIONS[kind](config) and FFNS[kind](config).
 ATTENTIONS = {"softmax": CausalSelfAttention, "plga": PLGAttention}
-FFNS = {"swiglu": SwiGLU, "gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "moe": MoE}
+FFNS = {"swiglu": SwiGLU, "gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "relu2": ReluSquaredMLP, "moe": MoE}
 
 INIT_STD = 0.02  # GPT-2's initialisation of every weight matrix and embedding
 # The layers name their projection back into the residual stream like this; the model

@@ -1,4 +1,7 @@
-"""StableAdamW: AdamW that slows down, one tensor at a time, when a gradient arrives that its
+"""Two optimizers beside torch's AdamW: StableAdamW, and Muon (for the hidden matrices, paired
+with AdamW on the rest by `Optimizers`).
+
+StableAdamW is AdamW that slows down, one tensor at a time, when a gradient arrives that its
 second-moment estimate did not see coming (Wortsman et al., "Stable and low-precision training
 for large-scale vision-language models", arXiv 2304.13013).
 
@@ -88,3 +91,100 @@ class StableAdamW(torch.optim.Optimizer):
                 p.mul_(1 - eta * group["weight_decay"])  # decoupled decay, at the cut rate
                 p.sub_(eta * m_hat / (v_hat.sqrt() + eps))
         return loss
+
+
+# --- Muon for the hidden matrices, AdamW for the rest --------------------------------------------
+
+NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # Keller Jordan's quintic, as torch.optim.Muon's default
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32,
+                  coefficients=NS_COEFFICIENTS, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U·Vᵀ for G = U·S·Vᵀ: every singular value of G pushed towards 1 (to between
+    about 0.7 and 1.2: the coefficients trade exactness for speed), the directions kept. The
+    quintic iteration X ← aX + (bA + cA²)X, A = XXᵀ, from X = G/‖G‖_F (so that no singular
+    value exceeds 1), on G's wide orientation (A is then the smaller Gram matrix)."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    if g.size(0) > g.size(1):
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T  # (m, m), m = the smaller side
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # aX + (bA + cA²)X
+    return x.T if g.size(0) > g.size(1) else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al., 2024): SGD with Nesterov momentum whose update, per matrix, is
+    orthogonalised by `newton_schulz` before it is applied, scaled by √max(1, rows/cols), with
+    decoupled weight decay. The same step as torch.optim.Muon (tests/test_optim.py checks it
+    bit for bit with ns_dtype=bfloat16), with one change: torch orthogonalises in bf16, which
+    is fast on GPUs but, at this course's matrix sizes on a CPU, 20–30 times slower than fp32
+    (bf16 matmuls that small take a slow path). ns_dtype=None (the default) orthogonalises in
+    bf16 on CUDA and in fp32 elsewhere."""
+
+    def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.1, momentum: float = 0.95,
+                 ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
+        if not lr > 0 or not weight_decay >= 0 or not 0 <= momentum < 1 or ns_steps < 1:
+            raise ValueError(f"bad Muon settings: lr={lr}, weight_decay={weight_decay}, momentum={momentum}, "
+                             f"ns_steps={ns_steps}")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                                  "ns_steps": ns_steps, "ns_dtype": ns_dtype})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.dim() != 2:
+                    raise ValueError(f"Muon updates matrices only, not a tensor of shape {tuple(p.shape)}")
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(p.grad, 1 - mu)  # m ← μ·m + (1−μ)·g
+                nesterov = p.grad.lerp(buffer, mu)  # (1−μ)·g + μ·m: the momentum, looked one step ahead
+                dtype = group["ns_dtype"] or (torch.bfloat16 if p.is_cuda else torch.float32)
+                update = newton_schulz(nesterov, group["ns_steps"], dtype)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
+        return loss
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, used as one: `lilllm train --optimizer=muon`
+    steps `Muon` on the blocks' 2-D weights and AdamW on the embedding, the head and every
+    vector, as Muon's authors prescribe: the orthogonalised update is meant for hidden
+    matrices, not for the embedding's rows or the head's outputs. `param_groups` lists the groups of all of them,
+    so a schedule that writes group["lr"] reaches every group (each group's "lr_ratio", if it
+    has one, scales the schedule's rate: Muon's peak rate differs from AdamW's); `state_dict`
+    holds each optimizer's state, so a run resumes exactly."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for optimizer, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)

@@ -31,14 +31,15 @@ from lilllm.checkpoint import check_resumable, load_checkpoint, load_model, save
 from lilllm.config import ModelConfig, check_finite
 from lilllm.data import PreparedData, get_batch, load_prepared, prepared_dataset
 from lilllm.model import GPT, summed_cross_entropy
-from lilllm.optim import StableAdamW
+from lilllm.optim import Muon, Optimizers, StableAdamW
 from lilllm.progress import METRICS, Progress, append_metrics, fraction_done, plot_metrics, read_metrics, start_banner
 from lilllm.runtime import (StopOnInterrupt, autocast_context, distributed, from_rank0, mean_over_processes, pick_device,
                             repo_path, shown, write_atomically)
 from lilllm.settings import make_settings, settings_from_dict
 
 LAST, BEST, PLOT, CONFIG_FILE = "last.pt", "best.pt", "loss.png", "config.json"  # in the run's out_dir
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "stable_adamw": StableAdamW}
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "stable_adamw": StableAdamW}  # for every parameter, or (muon) beside Muon
+OPTIMIZER_CHOICES = (*OPTIMIZERS, "muon")
 
 
 @dataclass
@@ -65,7 +66,10 @@ class TrainConfig:
     lr: float = 2e-3  # the peak learning rate, reached after warmup
     min_lr: float = 2e-4  # the floor the cosine decays to
     warmup: int = 100  # steps of linear warmup
-    optimizer: str = "adamw"  # adamw, or stable_adamw (AdamW that slows a tensor's step on a gradient spike)
+    schedule: str = "cosine"  # after warmup: cosine to min_lr; wsd: hold lr, then fall linearly to min_lr at the end
+    decay_fraction: float = 0.2  # wsd: the part of the run (after warmup) spent falling
+    optimizer: str = "adamw"  # adamw; stable_adamw (slows a tensor's step on a gradient spike); muon (hidden matrices)
+    muon_lr: float = 0.02  # Muon's peak learning rate (optimizer=muon), on the same schedule as lr
     weight_decay: float = 0.1  # AdamW's, on matrices only
     beta1: float = 0.9  # AdamW's decay of the gradient's running mean
     beta2: float = 0.99  # AdamW's decay of the squared gradient's running mean
@@ -94,7 +98,10 @@ class TrainConfig:
             (self.warmup >= 0 and self.weight_decay >= 0, "warmup and weight_decay must be >= 0"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"betas ({self.beta1}, {self.beta2}) must lie in [0, 1)"),
             (self.clip in ("norm", "value", "none"), f"clip={self.clip!r}: use norm, value or none"),
-            (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}: use {' or '.join(OPTIMIZERS)}"),
+            (self.schedule in ("cosine", "wsd"), f"schedule={self.schedule!r}: use cosine or wsd"),
+            (0 < self.decay_fraction <= 1, f"decay_fraction={self.decay_fraction} must lie in (0, 1]"),
+            (self.optimizer in OPTIMIZER_CHOICES, f"optimizer={self.optimizer!r}: use {', '.join(OPTIMIZER_CHOICES)}"),
+            (self.muon_lr > 0, f"muon_lr={self.muon_lr} must be positive"),
             (self.grad_clip > 0, f"grad_clip={self.grad_clip} must be positive"),
             (self.eval_interval >= 0 and self.log_interval > 0 and self.eval_batch_size > 0,
              "eval_interval must be >= 0, log_interval and eval_batch_size > 0"),
@@ -147,25 +154,44 @@ def config_from_dict(values: dict) -> TrainConfig:
 # --- one training step ---------------------------------------------------------------------
 
 def learning_rate(step: int, config: TrainConfig, progress: float | None = None) -> float:
-    """Linear warmup over `warmup` steps, then a cosine from lr down to min_lr at the end of
-    the run. `progress` (0 → 1 after warmup) replaces step counting in a timed run."""
+    """Linear warmup over `warmup` steps, then from lr down to min_lr at the end of the run:
+    a cosine, or (schedule=wsd) lr held, then a straight fall over the last decay_fraction
+    (warmup-stable-decay, as MiniCPM trains: Hu et al., arXiv 2404.06395). `progress` (0 → 1
+    after warmup) replaces step counting in a timed run."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     if progress is None:
         progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))  # 1 → 0
-    return config.min_lr + cosine * (config.lr - config.min_lr)
+    progress = min(progress, 1.0)
+    if config.schedule == "wsd":
+        left = 1 - max(0.0, progress - (1 - config.decay_fraction)) / config.decay_fraction  # 1 until the fall, → 0
+    else:
+        left = 0.5 * (1 + math.cos(math.pi * progress))  # 1 → 0
+    return config.min_lr + left * (config.lr - config.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer | Optimizers:
     """AdamW (or Stable AdamW) with weight decay on the matrices (linear weights, embeddings)
-    only: decaying norm gains and biases towards zero would only fight the normalisation."""
-    params = [p for p in model.parameters() if p.requires_grad]  # a tied matrix is listed once
+    only: decaying norm gains and biases towards zero would only fight the normalisation.
+    optimizer=muon: Muon on the blocks' 2-D weights (at muon_lr), AdamW on the rest."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}  # a tied matrix is listed once
+    muon = config.optimizer == "muon"
+    # Muon's: the blocks' matrices (attention and feed-forward projections); AdamW's: the rest
+    to_muon = {name: muon and p.dim() == 2 and name.startswith("blocks.") for name, p in params.items()}
+    hidden = [params[name] for name, chosen in to_muon.items() if chosen]
+    rest = [params[name] for name, chosen in to_muon.items() if not chosen]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return OPTIMIZERS[config.optimizer](groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
+    adamw = OPTIMIZERS["adamw" if muon else config.optimizer]
+    adamw = adamw(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
+    if not muon:
+        return adamw
+    if getattr(model, "config", None) is not None and model.config.sharing is not None:
+        raise LilllmError("optimizer=muon does not rebuild itself when shared blocks diverge: use adamw with sharing")
+    hidden_group = {"params": hidden, "lr_ratio": config.muon_lr / config.lr}  # train_step: lr × lr_ratio
+    return Optimizers(Muon([hidden_group], lr=config.muon_lr, weight_decay=config.weight_decay), adamw)
 
 
 def clip_gradients(model: torch.nn.Module, config: TrainConfig) -> float:
@@ -191,7 +217,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, micro_batches, lr: 
     averaged over micro-batches and processes."""
     wrapped = wrapped or model
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's group runs at muon_lr / lr times the schedule
     loss_sum, auxiliary_sums = 0.0, {}
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1

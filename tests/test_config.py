@@ -7,7 +7,7 @@ import pytest
 from lilllm import LilllmError
 from lilllm.config import ATTENTION_KINDS, FFN_KINDS, NORM_KINDS, ConfigError, LayerSpec, ModelConfig
 from lilllm.layers.attention import CausalSelfAttention
-from lilllm.layers.ffn import GeluMLP, GeluTanhMLP, SwiGLU
+from lilllm.layers.ffn import GeluMLP, GeluTanhMLP, ReluSquaredMLP, SwiGLU
 from lilllm.layers.moe import MoE
 from lilllm.layers.norm import NORMS
 from lilllm.layers.plga import PLGAttention
@@ -120,5 +120,5 @@ def test_the_kind_lists_match_the_layer_dicts():
     assert set(ATTENTION_KINDS) == set(ATTENTIONS)
     assert set(FFN_KINDS) == set(FFNS)
     assert set(NORM_KINDS) == set(NORMS)
-    assert FFNS == {"swiglu": SwiGLU, "gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "moe": MoE}
+    assert FFNS == {"swiglu": SwiGLU, "gelu": GeluMLP, "gelu_tanh": GeluTanhMLP, "relu2": ReluSquaredMLP, "moe": MoE}
     assert ATTENTIONS == {"softmax": CausalSelfAttention, "plga": PLGAttention}

@@ -62,7 +62,7 @@ def test_sft_mask_colours_the_supervised_tokens():
     assert len(faces(fig, "#b7e4c7")) == 2
 
 
-@pytest.mark.parametrize("chapter, n_parts", [("04_attention", 1), ("02_rmsnorm", 3), ("08_pretraining", 1), ("11_palm", 5), ("12_compress_and_share", 2)])
+@pytest.mark.parametrize("chapter, n_parts", [("04_attention", 1), ("02_rmsnorm", 3), ("08_pretraining", 1), ("11_palm", 5), ("12_compress_and_share", 2), ("13_speedrun", 2)])
 def test_where_we_are_shows_one_row_with_the_chapters_parts_in_orange(monkeypatch, chapter, n_parts):
     shown = []
     monkeypatch.setattr(plt, "show", lambda: shown.append(plt.gcf()))

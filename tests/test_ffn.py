@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lilllm.config import ModelConfig
-from lilllm.layers.ffn import GeluMLP, GeluTanhMLP, SwiGLU, gelu_hidden, swiglu_hidden
+from lilllm.layers.ffn import GeluMLP, GeluTanhMLP, ReluSquaredMLP, SwiGLU, gelu_hidden, swiglu_hidden
 
 
 def n_params(module):
@@ -67,3 +67,13 @@ def test_the_tanh_gelu_is_gpt2s_formula_and_differs_from_the_exact_one():
     exact = GeluMLP(config)
     exact.load_state_dict(tanh_mlp.state_dict())
     assert not torch.allclose(exact(x), tanh_mlp(x), atol=1e-5)  # close, but another function
+
+
+def test_relu_squared_is_zero_below_and_a_square_above():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=10, d_model=32, n_heads=2)
+    mlp = ReluSquaredMLP(config)
+    x = torch.randn(2, 5, 32)
+    h = x @ mlp.up.weight.T
+    torch.testing.assert_close(mlp(x), torch.where(h > 0, h * h, torch.zeros_like(h)) @ mlp.down.weight.T)
+    assert sum(p.numel() for p in mlp.parameters()) == sum(p.numel() for p in GeluMLP(config).parameters())

@@ -246,6 +246,8 @@ def test_load_reads_a_model_transformers_saved(name, tmp_path):
     ("default", {"norm_placement": "post"}, "post-norm blocks"),
     ("default", {"norm": "layernorm"}, "layernorm with rope positions"),
     ("default", {"ffn": "gelu"}, "a gelu ffn with rope positions"),
+    ("default", {"ffn": "relu2"}, "a relu2 ffn with rope positions"),
+    ("gpt2", {"ffn": "relu2"}, "a relu2 ffn with learned positions"),
     ("default", {"bias": True}, "biases in a Llama-style model"),
     ("default", {"positions": "learned"}, "rmsnorm with learned positions"),
     ("gpt2", {"norm_bias": False}, "norm_bias=False"),

@@ -1,5 +1,7 @@
 """StableAdamW against torch's AdamW: equal when nothing is cut, the update divided by rms
-when a gradient spikes, lr·sign(g) on the first step, and an exact resume from a state_dict."""
+when a gradient spikes, lr·sign(g) on the first step, and an exact resume from a state_dict.
+Muon: torch's step against one written from its definition, the split of the model's
+parameters between Muon and AdamW, and `Optimizers` stepping and resuming them as one."""
 
 import copy
 import io
@@ -9,7 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from lilllm.optim import StableAdamW
+from lilllm.config import ModelConfig
+from lilllm.model import GPT
+from lilllm.optim import Muon, Optimizers, StableAdamW, newton_schulz
+from lilllm.train import TrainConfig, make_optimizer
 
 BETAS, EPS = (0.9, 0.99), 1e-8
 
@@ -171,3 +176,93 @@ def test_sparse_gradients_are_refused():
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         StableAdamW(embedding.parameters()).step()
+
+
+# --- Muon ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24)])  # tall (orthogonalised as its transpose) and wide
+def test_muon_in_bf16_is_torch_muon_bit_for_bit(shape):
+    torch.manual_seed(0)
+    ours, theirs = nn.Parameter(torch.randn(*shape)), nn.Parameter(torch.randn(*shape))
+    with torch.no_grad():
+        theirs.copy_(ours)
+    mine = Muon([ours], lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16)
+    torchs = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1)
+    for step in range(4):
+        grad = torch.randn(*shape, generator=torch.Generator().manual_seed(step))
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        mine.step()
+        torchs.step()
+        assert torch.equal(ours, theirs), step
+    assert torch.equal(mine.state[ours]["momentum_buffer"], torchs.state[theirs]["momentum_buffer"])
+
+
+def test_muon_in_fp32_stays_close_to_bf16_and_cpu_defaults_to_fp32():
+    grad = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    fp32, bf16 = newton_schulz(grad), newton_schulz(grad, dtype=torch.bfloat16)
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert (fp32 - bf16.float()).abs().max() < 0.05  # the same iteration, rounded differently
+    weight = nn.Parameter(torch.zeros(32, 64))
+    weight.grad = grad
+    Muon([weight], lr=1.0, weight_decay=0.0, momentum=0.0).step()  # no momentum: the update is NS(g) itself
+    torch.testing.assert_close(weight.detach(), -fp32)
+
+
+def test_newton_schulz_pushes_every_singular_value_towards_one():
+    g = torch.randn(32, 64, generator=torch.Generator().manual_seed(0)) @ torch.diag(torch.logspace(-2, 1, 64))
+    before, after = torch.linalg.svdvals(g), torch.linalg.svdvals(newton_schulz(g))
+    assert before.max() / before.min() > 100  # a badly conditioned gradient...
+    assert 0.6 < after.min() and after.max() < 1.25  # ...comes out with singular values near 1
+
+
+def test_muon_refuses_a_tensor_that_is_not_a_matrix_and_bad_settings():
+    bias = nn.Parameter(torch.zeros(4))
+    bias.grad = torch.ones(4)
+    with pytest.raises(ValueError, match="matrices only"):
+        Muon([bias]).step()
+    with pytest.raises(ValueError, match="bad Muon settings"):
+        Muon([bias], lr=0.0)
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_each_once():
+    model = GPT(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, block_size=16, tie_embeddings=False))
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02))
+    muon, adamw = optimizer.optimizers
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    in_adamw = [names[id(p)] for group in adamw.param_groups for p in group["params"]]
+    assert in_muon == {name for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("blocks.")}
+    assert sorted(in_muon | set(in_adamw)) == sorted(names.values()) and len(in_adamw) == len(set(in_adamw))
+    assert {"tok_emb.weight", "head.weight"} <= set(in_adamw) and not in_muon & set(in_adamw)
+    assert [group.get("lr_ratio", 1.0) for group in optimizer.param_groups] == [20.0, 1.0, 1.0]
+
+
+def test_optimizers_resume_from_a_state_dict_exactly():
+    def run(model, optimizer, steps):
+        for step in steps:
+            backward(model, step)
+            optimizer.step()
+
+    def pair(model):
+        first, second = list(model.children())[0], list(model.children())[2]
+        return Optimizers(Muon([first.weight], lr=0.02),
+                          torch.optim.AdamW([first.bias, second.weight, second.bias], lr=1e-3))
+
+    torch.manual_seed(0)
+    straight = make_model()
+    split = copy.deepcopy(straight)
+    run(straight, pair(straight), range(6))
+    optimizer = pair(split)
+    run(split, optimizer, range(3))
+    saved = io.BytesIO()
+    torch.save({"model": split.state_dict(), "optimizer": optimizer.state_dict()}, saved)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    resumed = make_model()
+    resumed.load_state_dict(state["model"])
+    optimizer = pair(resumed)
+    optimizer.load_state_dict(state["optimizer"])
+    run(resumed, optimizer, range(3, 6))
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

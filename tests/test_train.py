@@ -30,6 +30,7 @@ from lilllm.settings import dashed, field_notes, spelt
 from lilllm.sft import Finetune
 from lilllm.train import (BEST, CONFIG_FILE, LAST, RECIPES, TrainConfig, clip_gradients, evaluate, learning_rate,
                           load_data, make_config, make_optimizer, train, train_step)
+import lilllm.bench as bench
 import lilllm.train as train_module
 
 # A model small enough to take a few steps in well under a second.
@@ -95,6 +96,10 @@ def test_config_file_then_overrides(tmp_path):
     (["--model.d_model=wide"], "model.d-model=wide: expected int"),
     (["--lr=-1"], "lr=-1.0"),
     (["--clip=sometimes"], "use norm, value or none"),
+    (["--optimizer=sgd"], "optimizer='sgd': use adamw, stable_adamw, muon"),
+    (["--schedule=linear"], "schedule='linear': use cosine or wsd"),
+    (["--schedule=wsd", "--decay-fraction=0"], r"decay_fraction=0.0 must lie in \(0, 1\]"),
+    (["--optimizer=muon", "--muon-lr=0"], "muon_lr=0.0 must be positive"),
     (["steps=3"], "write settings as --key=value"),
     (["--steps"], "write settings as --key=value"),
 ])
@@ -127,6 +132,15 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert learning_rate(c.steps, c) == pytest.approx(1e-4) and learning_rate(10 * c.steps, c) == pytest.approx(1e-4)
     assert learning_rate(60, c) == pytest.approx(5.5e-4)  # halfway: the mean of peak and floor
     assert learning_rate(60, c, progress=1.0) == pytest.approx(1e-4)  # a timed run passes its own progress
+
+
+def test_warmup_stable_decay_holds_the_peak_then_falls_in_a_straight_line():
+    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, steps=110, schedule="wsd", decay_fraction=0.2)
+    lrs = [learning_rate(step, c) for step in range(c.steps + 1)]
+    assert lrs[9] == pytest.approx(1e-3) and all(lr == pytest.approx(1e-3) for lr in lrs[10:91])  # 80 steps held
+    falls = [a - b for a, b in zip(lrs[90:], lrs[91:])]
+    assert all(fall == pytest.approx(9e-4 / 20) for fall in falls)  # the last 20 steps: a straight line
+    assert lrs[110] == pytest.approx(1e-4) and learning_rate(60, c, progress=0.9) == pytest.approx(5.5e-4)
 
 
 def test_weight_decay_applies_to_matrices_only():
@@ -207,6 +221,21 @@ def test_palm_options_and_stable_adamw_train_resume_and_sample(small_data, tmp_p
     assert cli_main(["sample", str(tmp_path / "split" / LAST), "--prompt", "ROMEO:", "--max-new-tokens", "40"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("ROMEO:") and len(printed) > len("ROMEO:\n")
+
+
+def test_a_muon_run_resumes_bit_for_bit_and_refuses_shared_blocks(small_data, tmp_path, monkeypatch):
+    muon = ["--optimizer=muon", "--muon-lr=0.02"]
+    straight = train(small_config(small_data, tmp_path / "straight", *muon), progress=False)
+    interrupt_at_batch(monkeypatch, 4)
+    train(small_config(small_data, tmp_path / "split", *muon), progress=False)
+    monkeypatch.undo()
+    resumed = train(small_config(small_data, tmp_path / "split", *muon), resume=True, progress=False)
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(LilllmError, match="optimizer=muon does not rebuild itself when shared blocks diverge"):
+        train(small_config(small_data, tmp_path / "shared", *muon, "--model.n_layers=4", '--model.sharing={"repeats": 4}'),
+              progress=False)
 
 
 def test_a_diverging_run_switches_resumes_bit_for_bit_and_its_checkpoint_loads(small_data, tmp_path, monkeypatch):
@@ -397,6 +426,29 @@ def test_cli_bench_pretrain_runs_both_recipes(capsys, monkeypatch, tmp_path):
     assert f"Measured with `lilllm bench pretrain --steps=2 --readme {readme}` on " in table
     assert f"| `tiny` (the default), same time | **{line['default_bpb']:.3f}** |" in table
     assert json.dumps(line) in table
+
+
+def test_cli_bench_speedrun_races_the_arms_reuses_finished_runs_and_saves(capsys, monkeypatch, tmp_path):
+    """Two arms, two seeds, half a second each on a shrunken tiny recipe: the table, the JSON line,
+    the saved file; a second call trains nothing."""
+    monkeypatch.setitem(RECIPES, "tiny", {**RECIPES["tiny"], "model": {"block_size": 16, "d_model": 32,
+                                                                       "n_layers": 1, "n_heads": 2}})
+    monkeypatch.setattr(bench, "SPEEDRUN_ARMS", {"AdamW": [], "Muon, ReLU²": ["--optimizer=muon", "--model.ffn=relu2"]})
+    monkeypatch.setattr(bench, "SPEEDRUN_DIR", str(tmp_path / "runs"))
+    saved = tmp_path / "speedrun.json"
+    assert cli_main(["bench", "speedrun", "--budget=0.5", "--save", str(saved)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["budget_s"] == 0.5 and line["seeds"] == [0, 1] and set(line) == {"budget_s", "seeds", "AdamW", "Muon, ReLU²"}
+    result = json.loads(saved.read_text())
+    assert result["measured"].startswith("Measured with `lilllm bench speedrun --budget=0.5 --save")
+    muon = result["rows"][1]
+    assert len(muon["val_bpb"]) == 2 and muon["mean"] == pytest.approx(sum(muon["val_bpb"]) / 2)
+    assert muon["gain"] == pytest.approx(result["rows"][0]["mean"] - muon["mean"])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["adamw-0", "adamw-1", "muon-relu2-0", "muon-relu2-1"]
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("last.pt")}
+    assert cli_main(["bench", "speedrun", "--budget=0.5"]) == 0  # the same runs: read back, not trained again
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == line
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("last.pt")} == before
 
 
 # --- several processes ------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 - `GeluMLP`: widen to 4·d, GELU (Hendrycks & Gimpel, arXiv 1606.08415), back to d. The
   exact GELU, x·Φ(x); `GeluTanhMLP` uses the paper's tanh approximation, which GPT-2 itself was
   trained with (Hugging Face calls it "gelu_new"), so its weights compute the same here.
+  `ReluSquaredMLP` is the same two matrices with ReLU(x)², the activation that So et al.'s
+  search found (Primer, arXiv 2109.08668) and today's speedruns use.
 - `SwiGLU`, Llama's (Shazeer, "GLU Variants Improve Transformer", arXiv 2002.05202):
   a SiLU-activated gate multiplies a second up-projection elementwise. It has three
   matrices instead of two, so its hidden width is 2/3 of 4·d to keep the parameter count
@@ -54,12 +56,20 @@ class GeluMLP(Sublayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_projections(self.up(x))  # (B, T, C) → (B, T, H) → (B, T, C)
 
+    def activation(self, up: torch.Tensor) -> torch.Tensor:
+        return F.gelu(up, approximate=self.approximate)
+
     def from_projections(self, up: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(up, approximate=self.approximate)))  # (B, T, H) → (B, T, C)
+        return self.dropout(self.down(self.activation(up)))  # (B, T, H) → (B, T, C)
 
 
 class GeluTanhMLP(GeluMLP):
     approximate = "tanh"  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): GPT-2's
+
+
+class ReluSquaredMLP(GeluMLP):
+    def activation(self, up: torch.Tensor) -> torch.Tensor:
+        return F.relu(up).square()  # 0 for x < 0, x² above: sparse, and no exp to compute
 
 
 class SwiGLU(Sublayer):
