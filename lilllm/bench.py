@@ -328,7 +328,7 @@ def bench_speedrun(arms: dict | None = None, seeds=(0, 1), budget: float = 100.0
         scores = [run["val_bpb"] for run in runs]
         rows.append({"arm": name, "changes": changes, "val_bpb": scores, "mean": sum(scores) / len(scores),
                      "spread": (max(scores) - min(scores)) / 2, "steps": sum(r["step"] for r in runs) / len(runs),
-                     "tokens_s": sum(r["tokens_per_s"] for r in runs) / len(runs)})
+                     "tokens_s": sum(r["step"] * r["tokens_per_step"] / r["train_time_s"] for r in runs) / len(runs)})
     baseline = rows[0]["mean"]
     for row in rows:
         row["gain"] = baseline - row["mean"]

@@ -546,7 +546,8 @@ class Run:
     def summary(self, interrupted: bool) -> dict:
         return {
             "step": self.step, "interrupted": interrupted, "val_bpb": self.val_bpb, "best_val_bpb": self.best_val_bpb,
-            "train_time_s": self.train_time, "tokens_per_s": self.tokens_per_s(),
+            "train_time_s": self.train_time, "tokens_per_step": self.tokens_per_step(),
+            "tokens_per_s": self.tokens_per_s(),  # in this session: 0 for a run resumed at its end
             "bytes_per_s": self.tokens_per_s() * self.bytes_per_token,
             "flops_per_token": self.model.flops_per_token(), "parameters": self.model.parameter_counts()["total"],
         }

@@ -486,6 +486,10 @@ def test_pretrained_checkpoint_trains_once_then_reuses_the_run(small_data, tmp_p
     assert course.pretrained_checkpoint() == path and path.stat().st_mtime_ns == stamp
     assert capsys.readouterr().out == ""
     assert [p.name for p in tmp_path.iterdir()] == ["pretrained-tiny-quick"]  # no temporary folder left
+    config_file = path.parent / CONFIG_FILE  # a run from before a setting existed: at its default, the same run
+    saved = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**saved, "train": {k: v for k, v in saved["train"].items() if k != "schedule"}}))
+    assert course.pretrained_checkpoint() == path and path.stat().st_mtime_ns == stamp
     RECIPES["tiny"]["batch_size"] = 2  # the recipe changed: the cached run is stale and trained again
     assert course.pretrained_checkpoint() == path
     assert "training the tiny recipe once" in capsys.readouterr().out
