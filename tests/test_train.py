@@ -204,15 +204,22 @@ def test_resume_continues_the_same_curve_bit_for_bit(small_data, tmp_path, monke
         assert torch.equal(a, b)
 
 
+def straight_and_resumed(small_data, tmp_path, monkeypatch, *settings):
+    """The same run twice: straight through (tmp_path/straight), and stopped after step 4 then
+    resumed (tmp_path/split). Their train losses are equal, exactly; returns both results."""
+    straight = train(small_config(small_data, tmp_path / "straight", *settings), progress=False)
+    interrupt_at_batch(monkeypatch, 4)
+    train(small_config(small_data, tmp_path / "split", *settings), progress=False)
+    monkeypatch.undo()
+    resumed = train(small_config(small_data, tmp_path / "split", *settings), resume=True, progress=False)
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+    return straight, resumed
+
+
 def test_palm_options_and_stable_adamw_train_resume_and_sample(small_data, tmp_path, monkeypatch, capsys):
     palm = ["--model.block=parallel", "--model.positions=xpos", "--model.qk_norm=l2", "--model.norm=layernorm",
             "--model.norm_bias=false", "--optimizer=stable_adamw"]
-    straight = train(small_config(small_data, tmp_path / "straight", *palm), progress=False)
-    interrupt_at_batch(monkeypatch, 4)
-    train(small_config(small_data, tmp_path / "split", *palm), progress=False)
-    monkeypatch.undo()
-    resumed = train(small_config(small_data, tmp_path / "split", *palm), resume=True, progress=False)
-    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+    straight, resumed = straight_and_resumed(small_data, tmp_path, monkeypatch, *palm)
     assert isinstance(resumed.model.blocks[0], ParallelBlock) and resumed.model.config.positions == "xpos"
     assert type(make_optimizer(resumed.model, small_config(small_data, tmp_path, *palm))).__name__ == "StableAdamW"
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
@@ -225,12 +232,7 @@ def test_palm_options_and_stable_adamw_train_resume_and_sample(small_data, tmp_p
 
 def test_a_muon_run_resumes_bit_for_bit_and_refuses_shared_blocks(small_data, tmp_path, monkeypatch):
     muon = ["--optimizer=muon", "--muon-lr=0.02"]
-    straight = train(small_config(small_data, tmp_path / "straight", *muon), progress=False)
-    interrupt_at_batch(monkeypatch, 4)
-    train(small_config(small_data, tmp_path / "split", *muon), progress=False)
-    monkeypatch.undo()
-    resumed = train(small_config(small_data, tmp_path / "split", *muon), resume=True, progress=False)
-    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+    straight, resumed = straight_and_resumed(small_data, tmp_path, monkeypatch, *muon)
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
     with pytest.raises(LilllmError, match="optimizer=muon does not rebuild itself when shared blocks diverge"):
@@ -240,13 +242,8 @@ def test_a_muon_run_resumes_bit_for_bit_and_refuses_shared_blocks(small_data, tm
 
 def test_a_diverging_run_switches_resumes_bit_for_bit_and_its_checkpoint_loads(small_data, tmp_path, monkeypatch):
     shared = ["--model.n_layers=4", '--model.sharing={"repeats": 4}']  # 1 block, then 2, then 4
-    straight = train(small_config(small_data, tmp_path / "straight", *shared), progress=False)
+    straight, resumed = straight_and_resumed(small_data, tmp_path, monkeypatch, *shared)  # stopped between the switches
     assert straight.model.sharing_stage.item() == 2 and len(straight.model.blocks) == 4
-    interrupt_at_batch(monkeypatch, 4)  # stops after step 4: between the two switches
-    train(small_config(small_data, tmp_path / "split", *shared), progress=False)
-    monkeypatch.undo()
-    resumed = train(small_config(small_data, tmp_path / "split", *shared), resume=True, progress=False)
-    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     loaded, _, _ = load_model(tmp_path / "split" / LAST, "cpu")
