@@ -92,9 +92,10 @@ def load_model(path, device=None) -> tuple[GPT, Tokenizer, dict]:
 
 
 def check_resumable(state: dict, path, tokenizer: Tokenizer, model_config: ModelConfig, train_config: dict,
-                    resumable: tuple[str, ...]) -> None:
+                    resumable: tuple[str, ...], defaults: dict | None = None) -> None:
     """Refuse to continue checkpoint `state` with another tokenizer, model or training settings
-    (those named in `resumable` may change: more steps, another device...)."""
+    (those named in `resumable` may change: more steps, another device...). A setting added to
+    the code since the checkpoint was saved counts as its value in `defaults`."""
     fix = "resume with the settings it was trained with, or start a new run with another --out-dir"
     saved_fingerprint = json.loads(state["tokenizer"])["fingerprint"]
     if saved_fingerprint != tokenizer.fingerprint:
@@ -104,7 +105,7 @@ def check_resumable(state: dict, path, tokenizer: Tokenizer, model_config: Model
     changed = sorted(k for k in saved if saved[k] != current.get(k))
     if changed:
         raise LilllmError(f"checkpoint {path} has another model config ({', '.join(changed)} differ): {fix}")
-    saved = json.loads(state["train_config"])
+    saved = {**(defaults or {}), **json.loads(state["train_config"])}
     changed = sorted(k for k, v in train_config.items() if k not in resumable and saved.get(k) != v)
     if changed:
         raise LilllmError(f"checkpoint {path} was trained with other settings ({', '.join(changed)} differ): {fix}")

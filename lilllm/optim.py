@@ -115,6 +115,13 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     return x.T if g.size(0) > g.size(1) else x
 
 
+def newton_schulz_flops(shape, steps: int = 5) -> int:
+    """The FLOPs of `newton_schulz` on a matrix of `shape` (2 per multiply-add): per iteration
+    XXᵀ (2m²n), A·A (2m³) and (bA + cA²)·X (2m²n), m the smaller side and n the larger."""
+    m, n = sorted(shape)
+    return steps * (4 * m * m * n + 2 * m**3)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al., 2024): SGD with Nesterov momentum whose update, per matrix, is
     orthogonalised by `newton_schulz` before it is applied, scaled by √max(1, rows/cols), with
@@ -157,6 +164,11 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
         return loss
 
+    def newton_schulz_flops(self) -> int:
+        """The FLOPs of one step's orthogonalisations: work the model's FLOPs per token leave out."""
+        return sum(newton_schulz_flops(p.shape, group["ns_steps"]) for group in self.param_groups
+                   for p in group["params"])
+
 
 class Optimizers:
     """Several optimizers over disjoint parameters, used as one: `lilllm train --optimizer=muon`
@@ -177,6 +189,9 @@ class Optimizers:
     def step(self) -> None:
         for optimizer in self.optimizers:
             optimizer.step()
+
+    def newton_schulz_flops(self) -> int:
+        return sum(optimizer.newton_schulz_flops() for optimizer in self.optimizers if isinstance(optimizer, Muon))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers:

@@ -54,7 +54,7 @@ def start_banner(recipe: str | None, parameters: int, tokens_per_step: int, conf
     """What a run is about to train, in one line: the recipe, the model's size, the tokens of
     one optimizer step, how long it runs, the device and precision, and where it writes."""
     length = f"{config.steps:,} steps" + (f" or {format_seconds(config.time_budget)}" if config.time_budget else "")
-    precision = "fp32" if autocast_dtype(device) is None else "bf16 autocast"
+    precision = "fp32" if autocast_dtype(device, config.cpu_bf16) is None else "bf16 autocast"
     return (f"training {f'the {recipe} recipe' if recipe else 'a model'}: {parameters:,} parameters, "
             f"{tokens_per_step:,} tokens per step, {length}, on {device} in {precision}, into {out_dir}")
 

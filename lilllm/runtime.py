@@ -11,6 +11,7 @@ import platform
 import re
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -43,15 +44,49 @@ def pick_device(name: str | torch.device | None = None) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype the course autocasts to on `device`: bf16 on CUDA; None (plain fp32) elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else None
+def autocast_dtype(device: torch.device, cpu_bf16: bool = False) -> torch.dtype | None:
+    """The dtype the course autocasts to on `device`: bf16 on CUDA, and on a CPU when asked
+    (cpu_bf16: a win only where the CPU multiplies bf16 fast, see `cpu_bf16_support`);
+    None (plain fp32) elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" or (cpu_bf16 and device.type == "cpu") else None
 
 
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA (matmuls in bf16, reductions in fp32); fp32 everywhere else."""
-    dtype = autocast_dtype(device)
+def autocast_context(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast (matmuls in bf16, reductions in fp32) where `autocast_dtype` says so; fp32 elsewhere."""
+    dtype = autocast_dtype(device, cpu_bf16)
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # Intel AMX tiles; AVX-512 with bf16 dot products
+
+
+def cpu_bf16_support(cpuinfo="/proc/cpuinfo") -> list[str]:
+    """The CPU features (of CPU_BF16_FLAGS, read from `cpuinfo`, Linux's) that make bf16 matmuls
+    faster than fp32; empty where there are none or the system does not say (macOS, Windows):
+    train in fp32 there."""
+    try:
+        with open(cpuinfo) as file:
+            flags = next((line.split(":", 1)[1].split() for line in file if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in CPU_BF16_FLAGS if flag in flags]
+
+
+def matmul_flops(device="cpu", size: int = 1024, seconds: float = 1.0, dtype: torch.dtype | None = None) -> float:
+    """This machine's matrix-multiply throughput in FLOP/s, in `dtype` (default: the course's,
+    fp32 on CPU, bf16 on CUDA): the ceiling that model FLOPs utilization (MFU) is measured against."""
+    device = torch.device(device)
+    dtype = dtype or autocast_dtype(device) or torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up
+    sync()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        sync()
+    return 2 * size**3 * count / (time.perf_counter() - start)
 
 
 def write_atomically(path, content: bytes | str | Callable) -> Path:

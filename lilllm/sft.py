@@ -432,7 +432,7 @@ def _finetune(init, train_file, val_file, sft: Finetune, out_dir, device, log) -
         rows = torch.randint(len(train_pairs), (sft.batch_size,), generator=generator).tolist()
         return collate([train_pairs[r] for r in rows], pad_id)
 
-    settings = {"steps": sft.steps, "batch_size": sft.batch_size, "lr": sft.lr, "min_lr": sft.lr / 10,
+    settings = {"steps": sft.steps, "batch_size": sft.batch_size, "lr": sft.lr, "min_lr": sft.lr / 10, "schedule": "cosine",
                 "warmup": sft.warmup, "eval_interval": sft.eval_interval, "seed": sft.seed}
     return _fit(model, tokenizer, state, settings, draw_batch,
                 evaluate=lambda: {"loss": supervised_loss(model, val_batches)} if val_batches else None,

@@ -8,7 +8,7 @@ every loop of the course shares, evaluation in bits per byte, and the run, which
 `train_step` is one optimizer step: micro-batches with gradient accumulation, the loss checked
 for NaN, clipping, AdamW, then the model's own after-step updates; fine-tuning and the copy
 drill (lilllm.sft) call it too. `train` builds a `Run` (data, model, optimizer, or a resumed
-checkpoint) and loops: a learning rate (warmup, then cosine), a step, a metrics record, and
+checkpoint) and loops: a learning rate (warmup, hold, decay), a step, a metrics record, and
 every eval_interval steps the val split in bits per byte with last.pt and best.pt written.
 Under `torchrun --nproc_per_node=N` each rank trains on its slice of the same global batch
 (DistributedDataParallel), and only rank 0 writes.
@@ -64,9 +64,9 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps of the run
     time_budget: float | None = None  # seconds of training; set, it ends the run and paces the schedule
     lr: float = 2e-3  # the peak learning rate, reached after warmup
-    min_lr: float = 2e-4  # the floor the cosine decays to
+    min_lr: float = 2e-4  # the floor the schedule falls to
     warmup: int = 100  # steps of linear warmup
-    schedule: str = "cosine"  # after warmup: cosine to min_lr; wsd: hold lr, then fall linearly to min_lr at the end
+    schedule: str = "wsd"  # after warmup: wsd holds lr, then falls linearly to min_lr at the end; cosine
     decay_fraction: float = 0.2  # wsd: the part of the run (after warmup) spent falling
     optimizer: str = "adamw"  # adamw; stable_adamw (slows a tensor's step on a gradient spike); muon (hidden matrices)
     muon_lr: float = 0.02  # Muon's peak learning rate (optimizer=muon), on the same schedule as lr
@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0  # seeds the initial weights, the batches and dropout
     device: str | None = None  # cpu, cuda, cuda:N or mps; none: cuda, else mps, else cpu
     compile: bool = False  # run the model through torch.compile
+    cpu_bf16: bool = False  # bf16 autocast on a CPU too: a win only with fast bf16 matmuls (lilllm env says)
     out_dir: str = "runs/tiny"  # checkpoints, metrics and the plot; relative paths start at the repository
 
     def __post_init__(self):
@@ -222,7 +223,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, micro_batches, lr: 
     for i, (x, y) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = nullcontext() if world_size == 1 or last else wrapped.no_sync()  # DDP: average once, at the end
-        with sync, autocast_context(x.device):
+        with sync, autocast_context(x.device, config.cpu_bf16):
             _, loss = wrapped(x, y)
         (loss / len(micro_batches)).backward()
         auxiliary = {name: value.item() for name, value in model.last_auxiliary.items()}
@@ -439,7 +440,8 @@ class Run:
     def _resume(self) -> None:
         path = self.out_dir / LAST
         state = load_checkpoint(path)
-        check_resumable(state, path, self.tokenizer, self.model.config, self.config.to_dict(), RESUMABLE_CHANGES)
+        check_resumable(state, path, self.tokenizer, self.model.config, self.config.to_dict(), RESUMABLE_CHANGES,
+                        defaults=TrainConfig().to_dict())
         self.model.load_state_dict(state["model"])  # a model with sharing first diverges as often as it had
         self.optimizer = make_optimizer(self.model, self.config)  # so: over the parameters it has now
         self.optimizer.load_state_dict(state["optimizer"])
@@ -464,7 +466,7 @@ class Run:
         return batches
 
     def schedule_progress(self) -> float | None:
-        """In a timed run, how far the cosine has come (0 → 1 from the end of warmup to the
+        """In a timed run, how far the schedule has come (0 → 1 from the end of warmup to the
         budget); None when the schedule counts steps."""
         if self.config.time_budget is None or self.step < self.config.warmup:
             return None
@@ -550,4 +552,6 @@ class Run:
             "tokens_per_s": self.tokens_per_s(),  # in this session: 0 for a run resumed at its end
             "bytes_per_s": self.tokens_per_s() * self.bytes_per_token,
             "flops_per_token": self.model.flops_per_token(), "parameters": self.model.parameter_counts()["total"],
+            "optimizer": self.config.optimizer,  # and Muon's orthogonalisations, which flops_per_token leaves out:
+            "newton_schulz_flops_per_step": getattr(self.optimizer, "newton_schulz_flops", lambda: 0)(),
         }

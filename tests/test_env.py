@@ -11,8 +11,8 @@ import yaml
 
 from lilllm import LilllmError
 from lilllm.cli import main as cli_main
-from lilllm.env import check_torch_build, environment_report
-from lilllm.runtime import REPO_ROOT, pick_device
+from lilllm.env import check_cpu_precision, check_torch_build, environment_report
+from lilllm.runtime import REPO_ROOT, cpu_bf16_support, pick_device
 
 
 def test_environment_report_has_no_failures_here():
@@ -99,3 +99,22 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     bounds = lambda reqs: {n: re.search(r">=\s*([\d.]+)", r).group(1) for r in reqs for n in _names([r])}
     assert bounds(conda) == bounds(pip_requirements)  # the same lower bounds
     assert ["-e .[dev]"] in [d["pip"] for d in environment["dependencies"] if isinstance(d, dict)]
+
+
+def test_cpu_bf16_support_reads_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert cpu_bf16_support(cpuinfo) == ["amx_bf16", "avx512_bf16"]
+    cpuinfo.write_text("flags\t\t: fpu sse avx2\n")
+    assert cpu_bf16_support(cpuinfo) == []
+    assert cpu_bf16_support(tmp_path / "absent") == []  # macOS, Windows: no /proc/cpuinfo
+
+
+@pytest.mark.parametrize("features", [[], ["amx_bf16"]])
+def test_the_cpu_precision_line_says_which_precision_and_why(monkeypatch, features):
+    import lilllm.env
+
+    monkeypatch.setattr(lilllm.env, "cpu_bf16_support", lambda: features)
+    message = check_cpu_precision(sizes=(64,), seconds=0.01).message
+    assert re.search(r"bf16/fp32 matmul speed \d+\.\d\d× at 64", message)
+    assert ("--cpu-bf16" in message) == bool(features) and ("fp32, the default" in message) == (not features)

@@ -13,7 +13,7 @@ from torch import nn
 
 from lilllm.config import ModelConfig
 from lilllm.model import GPT
-from lilllm.optim import Muon, Optimizers, StableAdamW, newton_schulz
+from lilllm.optim import Muon, Optimizers, StableAdamW, newton_schulz, newton_schulz_flops
 from lilllm.train import TrainConfig, make_optimizer
 
 BETAS, EPS = (0.9, 0.99), 1e-8
@@ -213,6 +213,20 @@ def test_newton_schulz_pushes_every_singular_value_towards_one():
     before, after = torch.linalg.svdvals(g), torch.linalg.svdvals(newton_schulz(g))
     assert before.max() / before.min() > 100  # a badly conditioned gradient...
     assert 0.6 < after.min() and after.max() < 1.25  # ...comes out with singular values near 1
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (64, 32)])
+def test_newton_schulz_flops_match_torchs_count(shape):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        newton_schulz(torch.randn(shape), steps=3)
+    assert newton_schulz_flops(shape, steps=3) == counter.get_total_flops()
+    weights = [nn.Parameter(torch.zeros(shape)), nn.Parameter(torch.zeros(16, 8))]
+    muon = Muon(weights, ns_steps=3)
+    assert muon.newton_schulz_flops() == newton_schulz_flops(shape, 3) + newton_schulz_flops((16, 8), 3)
+    assert Optimizers(muon, torch.optim.AdamW([nn.Parameter(torch.zeros(4))])).newton_schulz_flops() == \
+        muon.newton_schulz_flops()
 
 
 def test_muon_refuses_a_tensor_that_is_not_a_matrix_and_bad_settings():

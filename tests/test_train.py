@@ -124,7 +124,7 @@ def test_bad_recipe_and_bad_file(tmp_path):
 # --- the pieces of a step -----------------------------------------------------------------
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, steps=110)
+    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, steps=110, schedule="cosine")
     lrs = [learning_rate(step, c) for step in range(c.steps)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear: (step + 1) / warmup
     assert lrs[10] == pytest.approx(1e-3)  # the cosine starts at the peak
@@ -135,7 +135,8 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 
 def test_warmup_stable_decay_holds_the_peak_then_falls_in_a_straight_line():
-    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, steps=110, schedule="wsd", decay_fraction=0.2)
+    assert TrainConfig().schedule == "wsd"  # the tiny recipe's since chapter 13's race
+    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup=10, steps=110, decay_fraction=0.2)
     lrs = [learning_rate(step, c) for step in range(c.steps + 1)]
     assert lrs[9] == pytest.approx(1e-3) and all(lr == pytest.approx(1e-3) for lr in lrs[10:91])  # 80 steps held
     falls = [a - b for a, b in zip(lrs[90:], lrs[91:])]
@@ -277,6 +278,19 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(small_data, tmp_path
     assert load_checkpoint(tmp_path / LAST)["step"] == 8
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(small_data, tmp_path, capsys):
+    train(small_config(small_data, tmp_path), progress=False)
+    state = torch.load(tmp_path / LAST, weights_only=True)
+    settings = json.loads(state["train_config"])
+    del settings["cpu_bf16"]  # as saved by the code before the setting was added
+    state["train_config"] = json.dumps(settings)
+    torch.save(state, tmp_path / LAST)
+    train(small_config(small_data, tmp_path), resume=True, progress=False)  # at the default: the same run
+    assert "is finished (step 6 of 6): nothing to do" in capsys.readouterr().out
+    with pytest.raises(LilllmError, match=r"other settings \(cpu_bf16 differ\)"):
+        train(small_config(small_data, tmp_path, "--cpu-bf16=true"), resume=True, progress=False)
+
+
 def test_an_existing_run_is_not_overwritten(small_data, tmp_path):
     train(small_config(small_data, tmp_path), progress=False)
     before = (tmp_path / LAST).read_bytes()
@@ -405,10 +419,10 @@ def test_cli_errors_are_one_line(small_data, tmp_path, capsys):
 
 
 def test_cli_bench_pretrain_runs_both_recipes(capsys, monkeypatch, tmp_path):
-    """The harness, shortened: two nanoGPT steps, then the default recipe for that time; its
-    table written into a README."""
-    monkeypatch.setitem(RECIPES, "tiny", {**RECIPES["tiny"], "model": {"block_size": 16, "d_model": 32,
-                                                                       "n_layers": 1, "n_heads": 2}})
+    """The harness, shortened: two nanoGPT steps, then the default recipe (here with Muon) for
+    that time; its table written into a README."""
+    monkeypatch.setitem(RECIPES, "tiny", {**RECIPES["tiny"], "optimizer": "muon", "model": {
+        "block_size": 16, "d_model": 32, "n_layers": 1, "n_heads": 2}})
     monkeypatch.setitem(RECIPES, "nanogpt-cpu", {**RECIPES["nanogpt-cpu"], "model": {
         **RECIPES["nanogpt-cpu"]["model"], "d_model": 32, "n_layers": 1, "block_size": 16}})
     readme = tmp_path / "README.md"
@@ -416,12 +430,15 @@ def test_cli_bench_pretrain_runs_both_recipes(capsys, monkeypatch, tmp_path):
     assert cli_main(["bench", "pretrain", "--steps=2", "--readme", str(readme)]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(line) == sorted(["nanogpt_cpu_bpb", "default_bpb", "nanogpt_cpu_bytes_s", "default_bytes_s",
-                                   "default_mfu", "wall_s"])
-    assert all(value > 0 for value in line.values())
+                                   "default_mfu", "default_optimizer", "default_newton_schulz_mfu", "wall_s"])
+    assert line["default_optimizer"] == "muon"
+    assert all(value > 0 for name, value in line.items() if name != "default_optimizer")  # Newton–Schulz's share too
     assert round(line["default_bpb"], 4) == line["default_bpb"] and isinstance(line["default_bytes_s"], int)
     table = readme.read_text()
     assert f"Measured with `lilllm bench pretrain --steps=2 --readme {readme}` on " in table
-    assert f"| `tiny` (the default), same time | **{line['default_bpb']:.3f}** |" in table
+    tiny_row = next(row for row in table.splitlines() if row.startswith("| `tiny` (the default), same time |"))
+    assert tiny_row.startswith(f"| `tiny` (the default), same time | muon | **{line['default_bpb']:.3f}** |")
+    assert tiny_row.endswith(f"+ {line['default_newton_schulz_mfu']:.1%} Newton–Schulz |")
     assert json.dumps(line) in table
 
 
@@ -433,27 +450,30 @@ def test_cli_bench_speedrun_races_the_arms_reuses_finished_runs_and_saves(capsys
     monkeypatch.setattr(bench, "SPEEDRUN_ARMS", {"AdamW": [], "Muon, ReLU²": ["--optimizer=muon", "--model.ffn=relu2"]})
     monkeypatch.setattr(bench, "SPEEDRUN_DIR", str(tmp_path / "runs"))
     saved = tmp_path / "speedrun.json"
-    assert cli_main(["bench", "speedrun", "--budget=0.5", "--save", str(saved)]) == 0
+    assert cli_main(["bench", "speedrun", "--seeds=2", "--budget=0.5", "--save", str(saved)]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["budget_s"] == 0.5 and line["seeds"] == [0, 1] and set(line) == {"budget_s", "seeds", "AdamW", "Muon, ReLU²"}
     result = json.loads(saved.read_text())
-    assert result["measured"].startswith("Measured with `lilllm bench speedrun --budget=0.5 --save")
+    assert result["measured"].startswith("Measured with `lilllm bench speedrun --seeds=2 --budget=0.5 --save")
+    assert json.loads((tmp_path / "runs" / "adamw-0" / CONFIG_FILE).read_text())["train"]["schedule"] == "cosine"
     muon = result["rows"][1]
     assert len(muon["val_bpb"]) == 2 and muon["mean"] == pytest.approx(sum(muon["val_bpb"]) / 2)
     assert muon["gain"] == pytest.approx(result["rows"][0]["mean"] - muon["mean"])
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["adamw-0", "adamw-1", "muon-relu2-0", "muon-relu2-1"]
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("last.pt")}
-    assert cli_main(["bench", "speedrun", "--budget=0.5"]) == 0  # the same runs: read back, not trained again
+    assert cli_main(["bench", "speedrun", "--seeds=2", "--budget=0.5"]) == 0  # the same runs: read back, not trained again
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == line
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("last.pt")} == before
 
 
 # --- several processes ------------------------------------------------------------------------
 
-def test_ddp_two_processes_match_one_process_on_the_same_global_batch(small_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(small_data, tmp_path, optimizer):
     """torchrun with 2 CPU processes (gloo), each drawing half of every global batch, gives the
-    losses of one process that draws the whole batch."""
-    common = [f"--data_dir={small_data}", *SMALL, "--steps=4"]
+    losses of one process that draws the whole batch (Muon: each rank orthogonalises the same
+    all-reduced gradient)."""
+    common = [f"--data_dir={small_data}", *SMALL, "--steps=4", f"--optimizer={optimizer}"]
     one = train(make_config("tiny", [*common, "--batch_size=4", f"--out_dir={tmp_path / 'one'}"]), progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -545,6 +565,22 @@ def test_train_step_reports_the_cross_entropy_alone_and_closes_the_step():
     assert metrics["loss"] == pytest.approx(cross_entropy, rel=1e-5)  # ... but not in the loss that is logged
     assert metrics["moe_aux"] == pytest.approx(loss.item() - cross_entropy, rel=1e-4)
     assert set(model.layer_metrics()) == {"maxvio/0"}  # the MoE layer closed its step
+
+
+def test_cpu_bf16_autocasts_the_training_step_and_says_so_in_the_banner(small_data, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=8, d_model=64, n_layers=1, n_heads=2))
+    x, y = torch.randint(50, (2, 4, 8)).unbind(0)
+    losses = {}
+    for cpu_bf16 in (False, True):
+        config = TrainConfig(lr=1e-2, warmup=0, cpu_bf16=cpu_bf16)
+        copy = GPT(model.config)
+        copy.load_state_dict(model.state_dict())
+        losses[cpu_bf16] = train_step(copy, make_optimizer(copy, config), [(x, y)], 1e-2, config, step=0)["loss"]
+        assert all(p.dtype == torch.float32 for p in copy.parameters())  # the weights stay fp32
+    assert losses[True] != losses[False] and losses[True] == pytest.approx(losses[False], abs=0.05)  # bf16 matmuls
+    train(small_config(small_data, tmp_path, "--cpu-bf16=true", "--device=cpu"), progress=False)
+    assert "on cpu in bf16 autocast" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_train_step_moves_the_aux_free_bias_after_the_optimizer_step():
