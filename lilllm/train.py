@@ -126,8 +126,8 @@ RECIPES = {
     "nanogpt-cpu": {
         "tokenizer": "char", "vocab_size": None, "model_preset": "gpt2",
         "model": {"block_size": 64, "d_model": 128, "n_layers": 4, "n_heads": 4, "dropout": 0.0, "bias": False},
-        "batch_size": 12, "steps": 2000, "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "beta2": 0.99,
-        "weight_decay": 0.1, "grad_clip": 1.0, "out_dir": "runs/nanogpt-cpu",
+        "batch_size": 12, "steps": 2000, "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "schedule": "cosine",
+        "beta2": 0.99, "weight_decay": 0.1, "grad_clip": 1.0, "out_dir": "runs/nanogpt-cpu",
     },
     # Ten minutes of the default recipe, regularised with dropout: the best-val checkpoint keeps
     # the model from before it overfits.
