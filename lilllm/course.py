@@ -25,7 +25,7 @@ import torch
 from lilllm import LilllmError
 from lilllm.checkpoint import FORMAT, load_checkpoint
 from lilllm.runtime import REPO_ROOT, machine, repo_path, shown  # machine: for the notebooks' timing cells
-from lilllm.train import BEST, CONFIG_FILE, LAST, config_from_dict, is_finished, load_data, make_config, train
+from lilllm.train import BEST, CONFIG_FILE, LAST, is_finished, load_data, make_config, saved_config, train
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 SOLUTIONS_DIR = NOTEBOOKS_DIR / "solutions"  # NN_topic_solutions.ipynb: a worked answer to every exercise
@@ -250,8 +250,8 @@ def _finished_run_of(run_dir: Path, wanted: dict, config) -> bool:
     """Whether run_dir holds a finished run whose identity is `wanted`."""
     try:
         saved = json.loads((run_dir / CONFIG_FILE).read_text())
-        # A setting added since the run was trained takes its default there: at the default, the same run.
-        settings = config_from_dict(saved["train"]).to_dict()
+        # A setting added since the run was trained takes the value it trained with (train.SETTINGS_ADDED).
+        settings = saved_config(saved["train"]).to_dict()
         identity = _identity(settings, saved.get("tokenizer_fingerprint"), saved.get("checkpoint_format"),
                              saved.get("processes", 1))  # older runs did not write processes: one
         if identity != wanted or not (run_dir / BEST).exists():

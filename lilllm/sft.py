@@ -65,10 +65,10 @@ from lilllm.tokenizer import Tokenizer
 from lilllm.train import (
     LAST,
     METRICS,
-    config_from_dict,
     learning_rate,
     load_data,
     make_optimizer,
+    saved_config,
     train_step,
 )
 
@@ -139,8 +139,8 @@ def _fit(model: GPT, tokenizer: Tokenizer, state: dict, settings: dict, draw_bat
     `finish(model)`, if given, runs before the model is saved. Writes out_dir/last.pt (with
     `extra` in it) and out_dir/metrics.jsonl."""
     # The checkpoint stays a lilllm checkpoint that `lilllm chat` and `lilllm eval` load like any other.
-    config = config_from_dict({**json.loads(state["train_config"]), "out_dir": str(out_dir), "time_budget": None,
-                               "grad_accum": 1, **settings})
+    config = saved_config({**json.loads(state["train_config"]), "out_dir": str(out_dir), "time_budget": None,
+                           "grad_accum": 1, **settings})
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -297,7 +297,7 @@ def _drill(init, drill: CopyDrill, out_dir, device, log) -> SFTResult:
     probe = torch.randint(vocab_size, (4096,), generator=torch.Generator().manual_seed(drill.seed + 1))  # never trained on
     settings = {k: v for k, v in asdict(drill).items() if k not in ("text_rows", "text_twice")}
     settings = {**settings, "min_lr": drill.lr, "warmup": 50, "weight_decay": 0.0}
-    text = load_data(config_from_dict(json.loads(state["train_config"]))).train if drill.text_rows else None
+    text = load_data(saved_config(json.loads(state["train_config"]))).train if drill.text_rows else None
 
     def draw_batch(generator):
         x, y = copy_drill_batch(drill.batch_size, block_size, vocab_size, generator)  # (B, T) each

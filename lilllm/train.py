@@ -152,6 +152,17 @@ def config_from_dict(values: dict) -> TrainConfig:
     return settings_from_dict(TrainConfig, values, nested={"model": ModelConfig})
 
 
+# Settings added after runs had been saved, each with the value those runs trained with: a default
+# may move later (the schedule was a cosine before it became a setting, and is WSD now).
+SETTINGS_ADDED = {"optimizer": "adamw", "muon_lr": 0.02, "schedule": "cosine", "decay_fraction": 0.2,
+                  "cpu_bf16": False}
+
+
+def saved_config(values: dict) -> TrainConfig:
+    """The TrainConfig a saved run trained with: a setting it predates takes its SETTINGS_ADDED value."""
+    return config_from_dict({**SETTINGS_ADDED, **values})
+
+
 # --- one training step ---------------------------------------------------------------------
 
 def learning_rate(step: int, config: TrainConfig, progress: float | None = None) -> float:
@@ -292,7 +303,7 @@ def evaluate_checkpoint(path, device: str | None = None) -> dict:
     model, tokenizer, state = load_model(path, device)
     if "train_config" not in state:
         raise LilllmError(f"checkpoint {path} does not say what data it was trained on (no training settings)")
-    config = config_from_dict(json.loads(state["train_config"]))
+    config = saved_config(json.loads(state["train_config"]))
     data = load_data(config)
     if data.tokenizer.fingerprint != tokenizer.fingerprint:
         raise LilllmError(f"the token files of checkpoint {path} were made by another tokenizer than its own "
@@ -441,7 +452,7 @@ class Run:
         path = self.out_dir / LAST
         state = load_checkpoint(path)
         check_resumable(state, path, self.tokenizer, self.model.config, self.config.to_dict(), RESUMABLE_CHANGES,
-                        defaults=TrainConfig().to_dict())
+                        defaults={**TrainConfig().to_dict(), **SETTINGS_ADDED})
         self.model.load_state_dict(state["model"])  # a model with sharing first diverges as often as it had
         self.optimizer = make_optimizer(self.model, self.config)  # so: over the parameters it has now
         self.optimizer.load_state_dict(state["optimizer"])

@@ -28,8 +28,8 @@ from lilllm.tokenizer import CharTokenizer
 from lilllm.progress import read_metrics
 from lilllm.settings import dashed, field_notes, spelt
 from lilllm.sft import Finetune
-from lilllm.train import (BEST, CONFIG_FILE, LAST, RECIPES, TrainConfig, clip_gradients, evaluate, learning_rate,
-                          load_data, make_config, make_optimizer, train, train_step)
+from lilllm.train import (BEST, CONFIG_FILE, LAST, RECIPES, SETTINGS_ADDED, TrainConfig, clip_gradients, evaluate,
+                          learning_rate, load_data, make_config, make_optimizer, saved_config, train, train_step)
 import lilllm.bench as bench
 import lilllm.train as train_module
 
@@ -278,17 +278,22 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(small_data, tmp_path
     assert load_checkpoint(tmp_path / LAST)["step"] == 8
 
 
-def test_a_run_saved_before_a_setting_existed_resumes_at_its_default(small_data, tmp_path, capsys):
-    train(small_config(small_data, tmp_path), progress=False)
+def test_a_run_saved_before_a_setting_existed_trained_with_its_old_value(small_data, tmp_path, capsys, monkeypatch):
+    """A checkpoint without a setting means the value that setting had when it was added
+    (SETTINGS_ADDED), not today's default: the schedule was a cosine before it became a setting."""
+    train(small_config(small_data, tmp_path, "--schedule=cosine"), progress=False)
     state = torch.load(tmp_path / LAST, weights_only=True)
     settings = json.loads(state["train_config"])
-    del settings["cpu_bf16"]  # as saved by the code before the setting was added
+    for name in ("cpu_bf16", "schedule"):
+        del settings[name]  # as saved by the code before these settings were added
     state["train_config"] = json.dumps(settings)
     torch.save(state, tmp_path / LAST)
-    train(small_config(small_data, tmp_path), resume=True, progress=False)  # at the default: the same run
+    assert TrainConfig().schedule == "wsd" and SETTINGS_ADDED["schedule"] == "cosine"
+    with pytest.raises(LilllmError, match=r"other settings \(schedule differ\)"):
+        train(small_config(small_data, tmp_path), resume=True, progress=False)  # today's default: another run
+    train(small_config(small_data, tmp_path, "--schedule=cosine"), resume=True, progress=False)
     assert "is finished (step 6 of 6): nothing to do" in capsys.readouterr().out
-    with pytest.raises(LilllmError, match=r"other settings \(cpu_bf16 differ\)"):
-        train(small_config(small_data, tmp_path, "--cpu-bf16=true"), resume=True, progress=False)
+    assert saved_config(settings).schedule == "cosine" and not saved_config(settings).cpu_bf16
 
 
 def test_an_existing_run_is_not_overwritten(small_data, tmp_path):
@@ -503,10 +508,17 @@ def test_pretrained_checkpoint_trains_once_then_reuses_the_run(small_data, tmp_p
     assert course.pretrained_checkpoint() == path and path.stat().st_mtime_ns == stamp
     assert capsys.readouterr().out == ""
     assert [p.name for p in tmp_path.iterdir()] == ["pretrained-tiny-quick"]  # no temporary folder left
-    config_file = path.parent / CONFIG_FILE  # a run from before a setting existed: at its default, the same run
+    config_file = path.parent / CONFIG_FILE
     saved = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**saved, "train": {k: v for k, v in saved["train"].items() if k != "schedule"}}))
+
+    def saved_without(name):  # the run's settings as the code wrote them before `name` was a setting
+        config_file.write_text(json.dumps({**saved, "train": {k: v for k, v in saved["train"].items() if k != name}}))
+
+    saved_without("cpu_bf16")  # it trained in fp32, as cpu_bf16=False does today: the same run
     assert course.pretrained_checkpoint() == path and path.stat().st_mtime_ns == stamp
+    saved_without("schedule")  # it trained with the cosine of its day, not today's WSD: trained again
+    assert course.pretrained_checkpoint() == path and path.stat().st_mtime_ns != stamp
+    assert "training the tiny recipe once" in capsys.readouterr().out
     RECIPES["tiny"]["batch_size"] = 2  # the recipe changed: the cached run is stale and trained again
     assert course.pretrained_checkpoint() == path
     assert "training the tiny recipe once" in capsys.readouterr().out
