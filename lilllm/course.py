@@ -106,7 +106,8 @@ def show_source(obj, part: str | None = None, fold_after: int = 40) -> None:
         start = starts[0]
         end = _block_end(lines, start)
         lines, first = lines[start:end], first + start
-    path = Path(inspect.getsourcefile(obj)).resolve().relative_to(REPO_ROOT).as_posix()
+    # unwrap: a decorated function (@torch.no_grad()) is torch's wrapper, whose file is torch's
+    path = Path(inspect.getsourcefile(inspect.unwrap(obj))).resolve().relative_to(REPO_ROOT).as_posix()
     title = f"{path}, lines {first}–{first + len(lines) - 1}: {name}" + (f" ({part.strip()} …)" if part else "")
     listing = "```python\n" + "".join(lines).rstrip() + "\n```"
     try:

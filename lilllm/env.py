@@ -94,8 +94,8 @@ def check_cpu_precision(sizes=(128, 512), seconds: float = 0.2) -> Check:
     ratios = ", ".join(f"{matmul_flops('cpu', size, seconds, torch.bfloat16) / matmul_flops('cpu', size, seconds):.2f}×"
                        f" at {size}" for size in sizes)
     if features:
-        why = (f"{' and '.join(features)} present; bf16/fp32 matmul speed {ratios}: try --cpu-bf16 on models "
-               "wide enough to gain (width 128 loses to autocast's own cost)")
+        why = (f"{' and '.join(features)} present; bf16/fp32 matmul speed {ratios}: try --cpu-bf16 and compare "
+               "the steps per second (a narrow model can lose to autocast's own cost)")
     else:
         why = f"no AMX or AVX512-BF16 (bf16/fp32 matmul speed {ratios}): train in fp32, the default"
     return Check(True, f"CPU precision: {why}")

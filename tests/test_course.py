@@ -26,6 +26,14 @@ def test_show_source_prints_a_part_under_its_path_and_lines(capsys):
     assert lines[1].strip().startswith("def log_train") and "def evaluate" not in "\n".join(lines)
 
 
+def test_show_source_names_a_decorated_functions_own_file(capsys):
+    from lilllm.sampling import _generate  # wrapped by @torch.no_grad(): torch's wrapper lives in torch's files
+
+    show_source(_generate)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("# lilllm/sampling.py, lines ") and first.endswith(": _generate")
+
+
 def test_show_source_refuses_a_part_that_is_not_there():
     with pytest.raises(LilllmError, match="not in the source of Run"):
         show_source(Run, part="def no_such_method")
