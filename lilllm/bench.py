@@ -323,10 +323,9 @@ def bench_speedrun(arms: dict | None = None, seeds=(0, 1, 2), budget: float = 10
             log(f"  {name}, seed {seed}: {summary['val_bpb']:.4f} bits per byte after {summary['step']:,} steps")
     rows = []
     for name, changes in arms.items():
-        scores = [run["val_bpb"] for run in runs[name]]
+        scores, steps = [run["val_bpb"] for run in runs[name]], [run["step"] for run in runs[name]]
         rows.append({"arm": name, "changes": changes, "val_bpb": scores, "mean": sum(scores) / len(scores),
-                     "spread": (max(scores) - min(scores)) / 2, "steps_each": [r["step"] for r in runs[name]],
-                     "steps": sum(r["step"] for r in runs[name]) / len(seeds),
+                     "spread": (max(scores) - min(scores)) / 2, "steps_each": steps, "steps": sum(steps) / len(steps),
                      "tokens_s": sum(r["step"] * r["tokens_per_step"] / r["train_time_s"] for r in runs[name]) / len(seeds)})
     baseline = rows[0]["mean"]
     for row in rows:
